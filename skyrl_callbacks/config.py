@@ -1,0 +1,310 @@
+"""CheckpointConfig: SkyRL's checkpoint keys with SkyRL's defaults, validated at construction.
+
+The seven keys of SkyRL's checkpointing doc keep their names and defaults. A few keys of
+our own (``storage_options``, ``state_dict_type``, ``verify_on_resume``, ...) extend them;
+they all have defaults that reproduce SkyRL's behaviour.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+from skyrl_callbacks.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CheckpointConfig", "RESUME_MODES", "resolve_interpolations"]
+
+#: Accepted values of ``resume_mode`` (``None`` is accepted too and means ``"none"``).
+RESUME_MODES = ("none", "latest", "from_path")
+_STEP_DIR_RE = re.compile(r"^global_step_(\d+)$")
+_ENV_RE = re.compile(r"\$\{oc\.env:([A-Za-z_][A-Za-z0-9_]*)(?:,([^}]*))?\}")
+# Keys of a SkyRL ``trainer:`` section, besides ours, that we read when present.
+_SECTION_HINTS = ("trainer",)
+
+
+def resolve_interpolations(value: str, key: str) -> str:
+    """Resolve ``${oc.env:VAR}`` and ``${oc.env:VAR,default}`` in ``value``.
+
+    OmegaConf nodes are resolved by OmegaConf itself; this covers plain dicts and YAML
+    files read without OmegaConf, so that SkyRL's defaults work everywhere.
+
+    Raises:
+        ConfigError: the variable is unset and no default is given.
+    """
+
+    def _sub(match: re.Match) -> str:
+        var, default = match.group(1), match.group(2)
+        if var in os.environ:
+            return os.environ[var]
+        if default is not None:
+            return default.strip().strip("'\"")
+        raise ConfigError(
+            f"{key}={value!r}: environment variable {var} is not set. "
+            f"Set {var} or give {key} an explicit path."
+        )
+
+    if "${" in value and not _ENV_RE.search(value):
+        raise ConfigError(
+            f"{key}={value!r}: only ${{oc.env:VAR}} interpolation is supported here. "
+            f"Pass an OmegaConf node to use other resolvers, or write the path out."
+        )
+    return _ENV_RE.sub(_sub, value)
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoint settings. Field names and defaults follow SkyRL's checkpointing doc.
+
+    Build one from keyword arguments, a dict (:meth:`from_dict`), a YAML file
+    (:meth:`from_yaml`) or an OmegaConf node such as SkyRL's ``trainer:`` section
+    (:meth:`from_omegaconf`). Every value is validated here, at construction.
+    """
+
+    ckpt_interval: int = 10
+    """Save a checkpoint every N training steps. -1 disables periodic saves (the final save at
+    the end of training still happens)."""
+
+    ckpt_path: str = "${oc.env:HOME}/ckpts/"
+    """Base directory (local path or fsspec URL such as ``s3://bucket/run``) of all checkpoints."""
+
+    max_ckpts_to_keep: int = -1
+    """Keep only the newest N committed checkpoints; -1 keeps all."""
+
+    resume_mode: Optional[str] = "latest"
+    """``"none"``/``None`` (start fresh), ``"latest"`` (resume from the newest committed
+    checkpoint) or ``"from_path"`` (resume from ``resume_path``)."""
+
+    resume_path: Optional[str] = None
+    """A ``global_step_N`` directory to resume from; used only with ``resume_mode="from_path"``."""
+
+    hf_save_interval: int = -1
+    """Export the policy in HuggingFace safetensors format every N steps; -1 disables."""
+
+    export_path: str = "${oc.env:HOME}/exports/"
+    """Base directory of HF exports: ``{export_path}/global_step_N/policy/``."""
+
+    # ---- our extensions (all optional) -------------------------------------------------
+    storage_options: Optional[dict] = None
+    """Extra keyword arguments for the fsspec filesystem (endpoint, credentials, region...)."""
+
+    state_dict_type: str = "sharded"
+    """FSDP only: ``"sharded"`` (every rank writes its shards, reshardable) or ``"full"``."""
+
+    verify_on_resume: bool = False
+    """Verify checksums of every file against the manifest before resuming (sizes are always checked)."""
+
+    async_save: bool = False
+    """Write checkpoints in the background after snapshotting the state (see docs)."""
+
+    save_on_train_end: bool = True
+    """Save a final checkpoint (and export) at the end of ``fit`` if the last step was not saved."""
+
+    extra: dict = field(default_factory=dict, repr=False, compare=False)
+    """Keys of the source config that are not ours (e.g. the rest of SkyRL's ``trainer:``
+    section). Kept so that ``trainer_state.pt`` records the complete configuration."""
+
+    def __post_init__(self) -> None:
+        self._validate()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        """The keys a config accepts."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name != "extra")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, ignore_unknown: bool = False) -> "CheckpointConfig":
+        """Build a config from a mapping.
+
+        Args:
+            data: the keys of this config. With ``ignore_unknown`` (used for SkyRL's
+                ``trainer:`` section), other keys are kept in :attr:`extra`.
+            ignore_unknown: keep unknown keys instead of raising.
+
+        Raises:
+            ConfigError: an unknown key (the message lists the valid ones) or a bad value.
+        """
+        if isinstance(data, CheckpointConfig):
+            return data
+        if not isinstance(data, Mapping):
+            raise ConfigError(
+                f"config: expected a dict, a YAML path, an OmegaConf node or a CheckpointConfig, "
+                f"got {type(data).__name__}."
+            )
+        known = set(cls.field_names())
+        ours = {k: v for k, v in data.items() if k in known}
+        unknown = {k: v for k, v in data.items() if k not in known}
+        if unknown and not ignore_unknown:
+            key = sorted(map(str, unknown))[0]
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"unknown config key {key!r} (value {unknown[key]!r}).{hint} "
+                f"Valid keys: {', '.join(cls.field_names())}."
+            )
+        for key in unknown:
+            close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.85)
+            if close:
+                logger.warning("config key %r is not a checkpoint key; did you mean %r?", key, close[0])
+        return cls(**ours, extra=dict(unknown))
+
+    @classmethod
+    def from_yaml(cls, path: str, *, section: Optional[str] = None) -> "CheckpointConfig":
+        """Read a YAML file. If it has a top-level ``trainer:`` section (a SkyRL config), or
+        ``section`` names one, the keys are read from there and the others are ignored.
+
+        Raises:
+            ConfigError: the file cannot be read or holds bad values.
+        """
+        try:
+            import yaml
+        except ImportError:  # pragma: no cover
+            yaml = None
+        try:
+            with open(path, "r", encoding="utf-8") as fh:
+                text = fh.read()
+        except OSError as exc:
+            raise ConfigError(f"config file {path!r} cannot be read: {exc}. Check the path.") from exc
+        if yaml is not None:
+            data = yaml.safe_load(text) or {}
+        else:  # pragma: no cover - PyYAML ships with lightning/transformers
+            from omegaconf import OmegaConf
+
+            data = OmegaConf.to_container(OmegaConf.create(text), resolve=False)
+        return cls._from_nested(data, section=section, source=path)
+
+    @classmethod
+    def from_omegaconf(cls, node: Any, *, section: Optional[str] = None) -> "CheckpointConfig":
+        """Build from an OmegaConf node (e.g. SkyRL's ``cfg.trainer``); interpolations resolve.
+
+        Raises:
+            ConfigError: bad values, or an interpolation that cannot be resolved.
+        """
+        from omegaconf import OmegaConf
+
+        try:
+            data = OmegaConf.to_container(node, resolve=True)
+        except Exception as exc:  # omegaconf raises its own InterpolationResolutionError
+            raise ConfigError(f"config: cannot resolve interpolations: {exc}") from exc
+        return cls._from_nested(data, section=section, source="OmegaConf node")
+
+    @classmethod
+    def _from_nested(cls, data: Any, *, section: Optional[str], source: str) -> "CheckpointConfig":
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"config {source}: expected a mapping at the top level, got {type(data).__name__}.")
+        if section is not None:
+            if section not in data:
+                raise ConfigError(f"config {source}: section {section!r} not found; it has {sorted(data)}.")
+            return cls.from_dict(data[section], ignore_unknown=True)
+        for name in _SECTION_HINTS:
+            if isinstance(data.get(name), Mapping):
+                return cls.from_dict(data[name], ignore_unknown=True)
+        # A SkyRL trainer section passed directly has keys we do not know: keep them.
+        return cls.from_dict(data, ignore_unknown=not set(data) <= set(cls.field_names()) and _looks_like_skyrl(data))
+
+    @classmethod
+    def coerce(cls, config: Any) -> "CheckpointConfig":
+        """Accept a CheckpointConfig, dict, YAML path, OmegaConf node or None (defaults)."""
+        if config is None:
+            return cls()
+        if isinstance(config, CheckpointConfig):
+            return config
+        if isinstance(config, (str, os.PathLike)):
+            return cls.from_yaml(os.fspath(config))
+        if type(config).__module__.startswith("omegaconf"):
+            return cls.from_omegaconf(config)
+        return cls.from_dict(config)
+
+    # ------------------------------------------------------------------ validation
+    def _validate(self) -> None:
+        for key in ("ckpt_interval", "hf_save_interval"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{key}={value!r}: must be an integer (a positive N, or -1 to disable).")
+            if value == 0 or value < -1:
+                raise ConfigError(
+                    f"{key}={value!r}: must be a positive number of steps, or -1 to disable. "
+                    f"Use {key}=-1 to turn it off."
+                )
+        keep = self.max_ckpts_to_keep
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep == 0 or keep < -1:
+            raise ConfigError(
+                f"max_ckpts_to_keep={keep!r}: must be a positive integer or -1 (keep all). "
+                f"0 would delete every checkpoint including the one just saved; use -1 to keep all."
+            )
+        mode = self.resume_mode
+        if mode is None or (isinstance(mode, str) and mode.strip().lower() in ("null", "none", "")):
+            self.resume_mode = "none"
+        elif not isinstance(mode, str) or mode not in RESUME_MODES:
+            raise ConfigError(
+                f"resume_mode={mode!r}: must be one of 'none' (or null), 'latest', 'from_path'."
+            )
+        for key in ("ckpt_path", "export_path"):
+            value = getattr(self, key)
+            if isinstance(value, os.PathLike):
+                value = os.fspath(value)
+            if not isinstance(value, str) or not value.strip():
+                raise ConfigError(f"{key}={value!r}: must be a non-empty path or URL string.")
+            setattr(self, key, resolve_interpolations(value, key))
+        if self.resume_path is not None:
+            if isinstance(self.resume_path, os.PathLike):
+                self.resume_path = os.fspath(self.resume_path)
+            if not isinstance(self.resume_path, str) or not self.resume_path.strip():
+                raise ConfigError(f"resume_path={self.resume_path!r}: must be a path to a global_step_N directory.")
+            self.resume_path = resolve_interpolations(self.resume_path, "resume_path")
+            base = self.resume_path.rstrip("/").rsplit("/", 1)[-1]
+            if not _STEP_DIR_RE.match(base):
+                raise ConfigError(
+                    f"resume_path={self.resume_path!r}: must point to a global_step_N directory "
+                    f"(e.g. {self.resume_path.rstrip('/')}/global_step_10), not {base!r}."
+                )
+            if self.resume_mode != "from_path":
+                logger.warning(
+                    "resume_path=%r is ignored because resume_mode=%r; set resume_mode='from_path' to use it.",
+                    self.resume_path,
+                    self.resume_mode,
+                )
+        if self.resume_mode == "from_path" and self.resume_path is None:
+            raise ConfigError(
+                "resume_mode='from_path' needs resume_path: set resume_path to a "
+                "{ckpt_path}/global_step_N directory, or use resume_mode='latest'."
+            )
+        if self.storage_options is not None and not isinstance(self.storage_options, Mapping):
+            raise ConfigError(
+                f"storage_options={self.storage_options!r}: must be a dict of fsspec options, "
+                f"e.g. {{'endpoint_url': 'http://...'}}."
+            )
+        if self.storage_options is not None:
+            self.storage_options = dict(self.storage_options)
+        if self.state_dict_type not in ("sharded", "full"):
+            raise ConfigError(f"state_dict_type={self.state_dict_type!r}: must be 'sharded' or 'full'.")
+        for key in ("verify_on_resume", "async_save", "save_on_train_end"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"{key}={getattr(self, key)!r}: must be true or false.")
+
+    # ------------------------------------------------------------------ helpers
+    def to_dict(self) -> dict:
+        """All keys, ours and the extra ones, as a plain dict (stored in trainer_state.pt)."""
+        out = {name: getattr(self, name) for name in self.field_names()}
+        if self.storage_options:
+            # never persist credentials
+            out["storage_options"] = {
+                k: ("***" if any(s in k.lower() for s in ("secret", "token", "key", "password")) else v)
+                for k, v in self.storage_options.items()
+            }
+        if self.extra:
+            out["extra"] = dict(self.extra)
+        return out
+
+
+def _looks_like_skyrl(data: Mapping) -> bool:
+    """A SkyRL ``trainer:`` section carries keys such as ``policy``/``epochs`` besides ours."""
+    skyrl_markers = {"policy", "critic", "ref", "epochs", "strategy", "train_batch_size", "placement"}
+    return bool(skyrl_markers & set(data))

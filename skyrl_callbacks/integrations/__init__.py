@@ -1,0 +1,1 @@
+"""Framework glue: the only modules that import lightning or accelerate."""

@@ -1,0 +1,247 @@
+"""SkyRLCheckpoint as a PyTorch Lightning callback.
+
+``Trainer(callbacks=[SkyRLCheckpoint(cfg)])`` saves in SkyRL's layout on
+``on_train_batch_end``, resumes by itself inside ``trainer.fit`` (no ``ckpt_path``
+argument), exports HF weights and saves a final checkpoint at the end of ``fit``.
+
+The step is SkyRL's global step, one completed training iteration:
+
+* automatic optimization: ``trainer.global_step``; with gradient accumulation the rules are
+  applied on accumulation boundaries only (when ``global_step`` moved);
+* manual optimization (RL modules stepping a policy and a critic optimizer): Lightning's
+  ``global_step`` counts every ``optimizer.step()`` of every optimizer, so the step is the
+  number of completed training batches instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
+
+from skyrl_callbacks.errors import require
+
+_pl = require("lightning.pytorch", "lightning", "SkyRLCheckpoint for Lightning")
+
+from skyrl_callbacks.config import CheckpointConfig  # noqa: E402
+from skyrl_callbacks.dist import DistContext  # noqa: E402
+from skyrl_callbacks.manager import CheckpointManager, SaveResult  # noqa: E402
+from skyrl_callbacks.rng import restore_rng  # noqa: E402
+from skyrl_callbacks.roles import REF_ATTRS, Role, assign_optimizers, discover_roles  # noqa: E402
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SkyRLCheckpoint"]
+
+
+class SkyRLCheckpoint(_pl.Callback):
+    """Checkpoint a Lightning run the way SkyRL does, with exact resume.
+
+    Args:
+        config: a :class:`~skyrl_callbacks.CheckpointConfig`, a dict of its keys, a YAML path,
+            or an OmegaConf node (e.g. SkyRL's ``cfg.trainer``).
+        roles: role name -> attribute of the LightningModule (default
+            ``{"policy": "policy", "critic": "critic"}``). A module with none of them is
+            saved whole as ``policy``.
+        ref_attrs: attributes holding reference models, never saved.
+        tokenizer: saved under ``huggingface/`` and in HF exports (default: the module's
+            ``tokenizer`` attribute, if any).
+        export_dtype: dtype of HF exports (default: the training dtype).
+        max_shard_size: largest safetensors shard of an HF export (``"5GB"``).
+    """
+
+    def __init__(
+        self,
+        config: Any = None,
+        *,
+        roles: Optional[Mapping[str, str]] = None,
+        ref_attrs: Sequence[str] = REF_ATTRS,
+        tokenizer: Any = None,
+        export_dtype: Any = None,
+        max_shard_size: Any = "5GB",
+    ) -> None:
+        super().__init__()
+        self.config = CheckpointConfig.coerce(config)
+        self.role_attrs = dict(roles) if roles is not None else None
+        self.ref_attrs = tuple(ref_attrs)
+        self.tokenizer = tokenizer
+        self.export_dtype = export_dtype
+        self.max_shard_size = max_shard_size
+        self.manager: Optional[CheckpointManager] = None
+        self.step = 0
+        self._last_global_step: Optional[int] = None
+        self.last_save: Optional[SaveResult] = None
+        self.resumed_step: Optional[int] = None
+
+    @property
+    def state_key(self) -> str:
+        return "SkyRLCheckpoint"
+
+    # ------------------------------------------------------------------ helpers
+    def _roles(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> list[Role]:
+        roles = discover_roles(pl_module, self.role_attrs, self.ref_attrs)
+        schedulers = [cfg.scheduler for cfg in trainer.lr_scheduler_configs]
+        assign_optimizers(roles, trainer.optimizers, schedulers)
+        tok = self.tokenizer if self.tokenizer is not None else getattr(pl_module, "tokenizer", None)
+        for role in roles:
+            if role.name == "policy":
+                role.tokenizer = tok
+        return roles
+
+    def _current_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> Optional[int]:
+        """SkyRL's step after this batch, or None when this batch did not complete an iteration."""
+        if pl_module.automatic_optimization:
+            gs = trainer.global_step
+            if gs == self._last_global_step:
+                return None  # gradient accumulation: no optimizer step in this batch
+            self._last_global_step = gs
+            self.step = gs
+            return gs
+        self.step += 1
+        return self.step
+
+    def _extra_module_state(self, pl_module: "pl.LightningModule", roles: list[Role]) -> dict:
+        """Parameters/buffers of the module that belong to no role (and to no reference model)."""
+        if len(roles) == 1 and roles[0].model is pl_module:
+            return {}
+        prefixes = tuple(f"{a}." for a in (self.role_attrs or {"policy": "policy", "critic": "critic"}).values() if a)
+        prefixes += tuple(f"{a}." for a in self.ref_attrs)
+        return {k: v for k, v in pl_module.state_dict().items() if not k.startswith(prefixes)}
+
+    def _trainer_state(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", roles: list[Role]) -> tuple[dict, Any]:
+        loop_sd = trainer.fit_loop.state_dict()
+        data_state = loop_sd.get("state_dict", {}).pop("combined_loader", None)
+        callbacks = {}
+        for cb in trainer.callbacks:
+            if cb is self:
+                continue
+            try:
+                state = cb.state_dict()
+            except Exception:  # noqa: BLE001 - a callback without state
+                continue
+            if state:
+                callbacks[cb.state_key] = state
+        extras: dict = {}
+        pl_module.on_save_checkpoint(extras)
+        lightning_state = {
+            "fit_loop": loop_sd,
+            "callbacks": callbacks,
+            "trainer_global_step": trainer.global_step,
+            "epoch": trainer.current_epoch,
+            "module_extra_state": self._extra_module_state(pl_module, roles),
+            "module_checkpoint": extras,
+            "hparams": dict(getattr(pl_module, "hparams", {}) or {}),
+            "automatic_optimization": pl_module.automatic_optimization,
+        }
+        return {"framework": "lightning", "lightning": lightning_state, "skyrl_step": self.step}, data_state
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage == "fit" and self.manager is None:
+            self.manager = CheckpointManager(self.config, DistContext())
+
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.manager is None:
+            self.manager = CheckpointManager(self.config, DistContext())
+        self.manager.dist = DistContext()  # the process group exists now
+        roles = self._roles(trainer, pl_module)
+        state = self.manager.resume(roles)
+        if state is None:
+            self.step = 0
+            self._last_global_step = trainer.global_step
+            return
+        lt = state.trainer_state.get("lightning", {})
+        loop_sd = copy.deepcopy(lt.get("fit_loop"))
+        if loop_sd is not None:
+            if isinstance(state.data_state, list):
+                loop_sd.setdefault("state_dict", {})["combined_loader"] = state.data_state
+            trainer.fit_loop.load_state_dict(loop_sd)
+        by_key = {cb.state_key: cb for cb in trainer.callbacks}
+        for key, cb_state in (lt.get("callbacks") or {}).items():
+            if key in by_key:
+                by_key[key].load_state_dict(cb_state)
+        extra = lt.get("module_extra_state") or {}
+        if extra:
+            pl_module.load_state_dict(extra, strict=False)
+        if lt.get("module_checkpoint"):
+            pl_module.on_load_checkpoint(lt["module_checkpoint"])
+        self.step = int(state.trainer_state.get("skyrl_step", state.step))
+        self._last_global_step = trainer.global_step
+        self.resumed_step = self.step
+        if state.rng is not None:
+            restore_rng(state.rng)
+        if trainer.is_global_zero:
+            logger.info("SkyRLCheckpoint: resumed from %s; continuing at step %d", state.path, self.step + 1)
+
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = self._current_step(trainer, pl_module)
+        if step is None or self.manager is None:
+            return
+        save = self.manager.should_save(step)
+        export = self.manager.should_export(step)
+        if save or export:
+            roles = self._roles(trainer, pl_module)
+            if save:
+                self._save(trainer, pl_module, roles, step)
+            if export:
+                self._export(roles, step)
+
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.manager is None or not self.config.save_on_train_end or self.step <= 0:
+            return
+        roles = None
+        if self.manager.last_saved_step != self.step:
+            roles = self._roles(trainer, pl_module)
+            self._save(trainer, pl_module, roles, self.step)
+        if self.config.hf_save_interval > 0 and self.manager.last_exported_step != self.step:
+            self._export(roles or self._roles(trainer, pl_module), self.step)
+
+    # ------------------------------------------------------------------ actions
+    def _save(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", roles: list[Role], step: int) -> None:
+        t0 = time.perf_counter()
+        trainer_state, data_state = self._trainer_state(trainer, pl_module, roles)
+        result = self.manager.save(step, roles, trainer_state=trainer_state, data_state=data_state)
+        self.last_save = result
+        if trainer.is_global_zero:
+            _print_summary(trainer, result, time.perf_counter() - t0)
+        if trainer.loggers:
+            try:
+                pl_module.log_dict(result.as_metrics(), on_step=True, on_epoch=False, rank_zero_only=True)
+            except Exception:  # noqa: BLE001 - logging is best effort (e.g. outside a loop)
+                for lg in trainer.loggers:
+                    lg.log_metrics(result.as_metrics(), step=step)
+
+    def _export(self, roles: list[Role], step: int) -> None:
+        policy = next((r for r in roles if r.name == "policy"), roles[0])
+        dtype = self.export_dtype
+        if isinstance(dtype, str):
+            import torch
+
+            dtype = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+                     "fp32": torch.float32, "float32": torch.float32}[dtype]
+        self.manager.export_hf(step, policy, max_shard_size=self.max_shard_size, dtype=dtype)
+
+    # ------------------------------------------------------------------ callback state
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.step = int(state_dict.get("step", self.step))
+
+
+def _print_summary(trainer: "pl.Trainer", result: SaveResult, seconds: float) -> None:
+    line = (
+        f"[skyrl-ckpt] step {result.step}: {result.bytes / 1e6:.1f} MB in {seconds:.2f} s "
+        f"({result.gbps:.2f} GB/s) -> {result.path}"
+    )
+    logger.info(line)
+    try:
+        from lightning.pytorch.utilities import rank_zero_info
+
+        rank_zero_info(line)
+    except ImportError:  # pragma: no cover
+        print(line, flush=True)

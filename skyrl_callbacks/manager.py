@@ -1,0 +1,485 @@
+"""CheckpointManager: applies the rules, orders the phases of a save, runs resume.
+
+Framework-agnostic: the Lightning callback and the Accelerate glue hand it a step, the
+roles, and the trainer/dataloader state; it never imports a training framework.
+
+Phases of a save (every rank calls :meth:`CheckpointManager.save`):
+
+1. rank 0 picks a token and prepares the staging directory ``.tmp-global_step_N-<token>``;
+2. every rank writes its files of every role (writers), rank 0 writes ``data.pt`` and
+   ``trainer_state.pt`` (per-rank RNG and dataloader state gathered to it);
+3. every rank checksums its own files; rank 0 writes the manifest and commits (one rename
+   locally, manifest-last on object stores);
+4. rank 0 moves the pointer ``latest_ckpt_global_step.txt`` (temp file + replace);
+5. rank 0 applies retention and removes leftovers of interrupted saves.
+
+An error on any rank in any phase is raised on every rank; the pointer is not moved and
+the previous checkpoints are untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional, Sequence
+
+from skyrl_callbacks import rules
+from skyrl_callbacks.config import CheckpointConfig
+from skyrl_callbacks.dist import DistContext
+from skyrl_callbacks.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    IncompatibleCheckpointError,
+)
+from skyrl_callbacks.manifest import build_manifest, checksum_algo, hash_files, read_manifest, verify_dir
+from skyrl_callbacks.rng import capture_rng
+from skyrl_callbacks.storage import Storage, new_token
+from skyrl_callbacks.writers.base import HF_DIR, RoleWriter, select_writer
+from skyrl_callbacks.writers.plain import torch_load, torch_save
+
+if TYPE_CHECKING:
+    from skyrl_callbacks.roles import Role
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CheckpointManager", "SaveResult", "ResumeState", "DATA_FILE", "TRAINER_STATE_FILE"]
+
+DATA_FILE = "data.pt"
+TRAINER_STATE_FILE = "trainer_state.pt"
+_SHARED_MARKER = ".skyrl_shared_storage_check"
+
+
+@dataclass
+class SaveResult:
+    """What one save did, for the log line and the loggers."""
+
+    step: int
+    path: str
+    bytes: int
+    seconds_total: float
+    seconds_blocked: float
+    files: int
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / 1e9 / self.seconds_total if self.seconds_total > 0 else 0.0
+
+    def as_metrics(self) -> dict[str, float]:
+        return {
+            "ckpt/step": float(self.step),
+            "ckpt/bytes": float(self.bytes),
+            "ckpt/seconds_total": self.seconds_total,
+            "ckpt/seconds_blocked": self.seconds_blocked,
+            "ckpt/gbps": self.gbps,
+        }
+
+
+@dataclass
+class ResumeState:
+    """What :meth:`CheckpointManager.load` restored and what the caller still has to apply."""
+
+    step: int
+    path: str
+    trainer_state: dict = field(default_factory=dict)
+    rng: Optional[dict] = None
+    data_state: Any = None
+
+
+class CheckpointManager:
+    """Save, export, retain and resume checkpoints in SkyRL's layout.
+
+    Args:
+        config: a :class:`CheckpointConfig` or anything :meth:`CheckpointConfig.coerce` takes.
+        dist: collectives; defaults to ``torch.distributed``'s world when initialised.
+    """
+
+    def __init__(self, config: Any = None, dist: Optional[DistContext] = None) -> None:
+        self.config = CheckpointConfig.coerce(config)
+        self.dist = dist or DistContext()
+        self.storage = Storage(self.config.ckpt_path, self.config.storage_options)
+        self.export_storage = Storage(self.config.export_path, self.config.storage_options)
+        self.last_saved_step: Optional[int] = None
+        self.last_exported_step: Optional[int] = None
+        self.resumed_from: Optional[str] = None
+        self.last_result: Optional[SaveResult] = None
+        self._storage_checked = False
+        self._writers: dict[str, RoleWriter] = {}
+
+    # ------------------------------------------------------------------ layout
+    def step_dir(self, step: int) -> str:
+        return self.storage.child(rules.step_dirname(step))
+
+    @property
+    def pointer_path(self) -> str:
+        return self.storage.child(rules.POINTER_FILE)
+
+    def writer_for(self, role: "Role") -> RoleWriter:
+        if role.name not in self._writers:
+            self._writers[role.name] = select_writer(role.model, self.config)
+        return self._writers[role.name]
+
+    def committed_steps(self) -> list[int]:
+        """Steps of the committed checkpoints under ``ckpt_path`` (ascending; local IO only)."""
+        steps = []
+        for name in self.storage.listdir(self.storage.root):
+            step = rules.parse_step_dirname(name)
+            if step is not None and self.storage.is_committed(self.storage.child(name)):
+                steps.append(step)
+        return sorted(steps)
+
+    def read_pointer(self) -> Optional[int]:
+        try:
+            return rules.parse_pointer(self.storage.read_text(self.pointer_path))
+        except (FileNotFoundError, OSError, UnicodeDecodeError):
+            return None
+
+    # ------------------------------------------------------------------ rules
+    def should_save(self, step: int) -> bool:
+        return rules.should_save(step, self.config.ckpt_interval) and step != self.last_saved_step
+
+    def should_export(self, step: int) -> bool:
+        return rules.should_export(step, self.config.hf_save_interval) and step != self.last_exported_step
+
+    # ------------------------------------------------------------------ save
+    def save(
+        self,
+        step: int,
+        roles: Sequence["Role"],
+        *,
+        trainer_state: Optional[dict] = None,
+        data_state: Any = None,
+    ) -> SaveResult:
+        """Write, commit and publish the checkpoint of ``step``. Collective: call on every rank.
+
+        Args:
+            step: the global step (SkyRL's: completed training iterations).
+            roles: the roles to save (``policy`` and optionally ``critic``).
+            trainer_state: framework state to store in ``trainer_state.pt`` (rank 0's is used).
+            data_state: this rank's dataloader state (gathered into ``data.pt``).
+
+        Raises:
+            CheckpointError: on every rank, when any rank failed; nothing committed is touched.
+        """
+        t0 = time.perf_counter()
+        dist, storage = self.dist, self.storage
+        token = dist.broadcast(new_token())
+        final = self.step_dir(step)
+        staging = storage.staging_dir(final, token)
+        dist.run_on_main("prepare staging", lambda: self._prepare(staging))
+        if not self._storage_checked:
+            self._check_shared(staging)
+            self._storage_checked = True
+
+        def write_roles() -> list[str]:
+            files: list[str] = []
+            for role in roles:
+                role_dir = storage.join(staging, role.name)
+                storage.makedirs(role_dir)
+                written = self.writer_for(role).save(storage, role_dir, role, dist)
+                files += [f"{role.name}/{f}" for f in written]
+            return files
+
+        my_files = dist.run("write model/optimizer state", write_roles)
+        rank_state = {"rng": capture_rng(), "data": data_state}
+        gathered = dist.gather_to_main(rank_state)
+
+        def write_main() -> list[str]:
+            files = []
+            for role in roles:
+                files += self._write_hf_dir(storage.join(staging, role.name, HF_DIR), role, f"{role.name}/{HF_DIR}")
+            data = {"format": "skyrl-callbacks", "world_size": dist.world_size, "per_rank": [g["data"] for g in gathered]}
+            torch_save(storage, storage.join(staging, DATA_FILE), data)
+            state = dict(trainer_state or {})
+            state.update(
+                global_step=int(step),
+                config=self.config.to_dict(),
+                world_size=dist.world_size,
+                rng_per_rank=[g["rng"] for g in gathered],
+                strategies={r.name: self.writer_for(r).kind for r in roles},
+                roles=[r.name for r in roles],
+            )
+            torch_save(storage, storage.join(staging, TRAINER_STATE_FILE), state)
+            return files + [DATA_FILE, TRAINER_STATE_FILE]
+
+        main_files = dist.run_on_main("write trainer state", write_main) or []
+        algo = checksum_algo()
+        my_hashes = dist.run("checksum", lambda: hash_files(storage, staging, my_files + main_files, algo))
+        all_hashes = dist.gather_to_main(my_hashes)
+        t_written = time.perf_counter()
+
+        def commit() -> int:
+            files: dict[str, dict] = {}
+            for h in all_hashes:
+                files.update(h)
+            manifest = build_manifest(
+                files,
+                step=step,
+                world_size=dist.world_size,
+                strategies={r.name: self.writer_for(r).kind for r in roles},
+                algo=algo,
+            )
+            storage.commit(staging, final, manifest)
+            storage.atomic_write(self.pointer_path, f"{int(step)}".encode())
+            return sum(f["size"] for f in files.values())
+
+        nbytes = dist.run_on_main("commit", commit)
+        nbytes = dist.broadcast(nbytes)
+        self.last_saved_step = step
+        dist.run_on_main("retention", lambda: self._retention(step))
+        total = time.perf_counter() - t0
+        result = SaveResult(
+            step=step,
+            path=final,
+            bytes=int(nbytes or 0),
+            seconds_total=total,
+            seconds_blocked=total,
+            files=sum(len(h) for h in (all_hashes or [])),
+        )
+        self.last_result = result
+        if dist.is_main:
+            logger.info(
+                "checkpoint step %d: %.1f MB in %.2f s (%.2f GB/s, write %.2f s) -> %s",
+                step,
+                result.bytes / 1e6,
+                total,
+                result.gbps,
+                t_written - t0,
+                final,
+            )
+        return result
+
+    def _prepare(self, staging: str) -> None:
+        self.storage.makedirs(self.storage.root)
+        self.storage.prepare_staging(staging)
+
+    def _check_shared(self, staging: str) -> None:
+        """Every rank must see rank 0's files: a node-local ``ckpt_path`` silently loses shards."""
+        if self.dist.world_size == 1:
+            return
+        marker = self.storage.join(staging, _SHARED_MARKER)
+        token = self.dist.broadcast(new_token())
+        self.dist.run_on_main("storage check", lambda: self.storage.write_bytes(marker, token.encode()))
+
+        def check() -> None:
+            try:
+                seen = self.storage.read_text(marker)
+            except (FileNotFoundError, OSError):
+                seen = None
+            if seen != token:
+                raise CheckpointError(
+                    f"ckpt_path={self.config.ckpt_path!r} is not shared between ranks: rank {self.dist.rank} "
+                    f"cannot see the files rank 0 wrote in {staging}. Use a shared file system or an "
+                    f"object store (s3://, gs://) for ckpt_path."
+                )
+
+        self.dist.run("storage check", check)
+        self.dist.run_on_main("storage check", lambda: self.storage.rm(marker, recursive=False))
+
+    def _write_hf_dir(self, out_dir: str, role: "Role", rel_prefix: str) -> list[str]:
+        """``huggingface/`` (config, generation config, tokenizer) of an HF model (rank 0)."""
+        from skyrl_callbacks.writers.hf import hf_model_of, write_hf_metadata
+
+        hf = hf_model_of(role.model)
+        if hf is None and role.tokenizer is None:
+            return []
+        import os
+        import tempfile
+
+        local = out_dir if self.storage.is_local else tempfile.mkdtemp(prefix="skyrl-hfmeta-")
+        write_hf_metadata(local, hf, role.tokenizer)
+        names = []
+        for dirpath, _dirs, fnames in os.walk(local):
+            for fname in fnames:
+                names.append(os.path.relpath(os.path.join(dirpath, fname), local).replace(os.sep, "/"))
+        if not self.storage.is_local:
+            from skyrl_callbacks.storage import upload_local_dir
+
+            upload_local_dir(self.storage, local, out_dir)
+            import shutil
+
+            shutil.rmtree(local, ignore_errors=True)
+        return [f"{rel_prefix}/{n}" for n in names]
+
+    def _retention(self, step: int) -> None:
+        committed = self.committed_steps()
+        doomed = rules.steps_to_delete(committed, self.config.max_ckpts_to_keep, protected=[step])
+        for old in doomed:
+            path = self.step_dir(old)
+            logger.info("retention: deleting %s (max_ckpts_to_keep=%d)", path, self.config.max_ckpts_to_keep)
+            self.storage.rm(path)
+        for leftover in self.storage.leftovers():
+            logger.info("removing leftover of an interrupted save: %s", leftover)
+            self.storage.rm(leftover)
+        if not self.storage.supports_rename:
+            for name in self.storage.listdir(self.storage.root):
+                s = rules.parse_step_dirname(name)
+                if s is not None and s < step and not self.storage.is_committed(self.storage.child(name)):
+                    logger.info("removing uncommitted upload %s", self.storage.child(name))
+                    self.storage.rm(self.storage.child(name))
+
+    # ------------------------------------------------------------------ export
+    def export_hf(self, step: int, role: "Role", *, max_shard_size: Any = "5GB", dtype: Any = None) -> str:
+        """Publish ``{export_path}/global_step_N/policy/`` atomically. Collective."""
+        from skyrl_callbacks.writers.hf import export_role
+
+        t0 = time.perf_counter()
+        dist, storage = self.dist, self.export_storage
+        final = storage.child(rules.step_dirname(step), role.name)
+        token = dist.broadcast(new_token())
+        staging = storage.staging_dir(final, token)
+        dist.run_on_main("prepare export", lambda: (storage.makedirs(storage.child(rules.step_dirname(step))), storage.prepare_staging(staging)))
+        files = dist.run(
+            "export",
+            lambda: export_role(storage, staging, role, self.writer_for(role), dist, max_shard_size=max_shard_size, dtype=dtype),
+        )
+
+        def commit() -> None:
+            hashes = hash_files(storage, staging, files or [], checksum_algo())
+            manifest = build_manifest(hashes, step=step, world_size=dist.world_size, strategies={role.name: "hf"}, algo=checksum_algo())
+            storage.commit(staging, final, manifest)
+
+        dist.run_on_main("commit export", commit)
+        self.last_exported_step = step
+        if dist.is_main:
+            logger.info("HF export step %d in %.2f s -> %s", step, time.perf_counter() - t0, final)
+        return final
+
+    # ------------------------------------------------------------------ resume
+    def resume_candidates(self) -> list[str]:
+        """Checkpoint dirs to try, best first, for the configured ``resume_mode`` (rank 0 decides).
+
+        Raises:
+            CheckpointNotFoundError: ``from_path`` names something that is not a committed checkpoint.
+        """
+
+        def decide() -> list[str]:
+            mode = self.config.resume_mode
+            if mode == "none":
+                return []
+            if mode == "from_path":
+                path = self.config.resume_path.rstrip("/")
+                store = Storage(path, self.config.storage_options)
+                if not store.is_committed(store.root):
+                    raise CheckpointNotFoundError(
+                        f"resume_path={self.config.resume_path!r}: not a committed checkpoint directory "
+                        f"(missing, or an interrupted save). Committed steps under ckpt_path: "
+                        f"{self.committed_steps() or 'none'}."
+                    )
+                return [store.root]
+            committed = self.committed_steps()
+            pointer = self.read_pointer()
+            step, warning = rules.select_resume_step(pointer, committed)
+            if warning:
+                logger.warning("resume: %s (ckpt_path=%s)", warning, self.storage.root)
+            if step is None:
+                return []
+            order = [step] + [s for s in reversed(committed) if s != step]
+            return [self.step_dir(s) for s in order]
+
+        return self.dist.broadcast(self.dist.run_on_main("find checkpoint", decide))
+
+    def verify(self, step_dir: str, *, checksums: Optional[bool] = None) -> list[str]:
+        """Problems of ``step_dir`` against its manifest ([] when fine; legacy dirs pass)."""
+        store = self._store_for(step_dir)
+        if read_manifest(store, step_dir) is None and store.supports_rename:
+            return []  # a SkyRL-native checkpoint: nothing to verify against
+        return verify_dir(store, step_dir, checksums=self.config.verify_on_resume if checksums is None else checksums)
+
+    def _store_for(self, path: str) -> Storage:
+        root = self.storage.root.rstrip("/")
+        if path.startswith(root):
+            return self.storage
+        return Storage(path, self.config.storage_options)
+
+    def load(self, roles: Sequence["Role"], step_dir: str) -> ResumeState:
+        """Restore ``roles`` from ``step_dir`` and return the rest of the state. Collective.
+
+        Raises:
+            CorruptCheckpointError: a file failed verification or cannot be read.
+            IncompatibleCheckpointError: the checkpoint does not fit the roles.
+        """
+        dist = self.dist
+        store = self._store_for(step_dir)
+        problems = dist.broadcast(dist.run_on_main("verify", lambda: self.verify(step_dir)))
+        if problems:
+            raise CorruptCheckpointError(f"{step_dir}: failed verification: {'; '.join(problems[:5])}")
+
+        def load_roles() -> None:
+            present = set(store.listdir(step_dir))
+            for role in roles:
+                if role.name not in present:
+                    raise IncompatibleCheckpointError(
+                        f"{step_dir}: has no {role.name}/ directory but this run has a {role.name} role "
+                        f"(it holds {sorted(p for p in present if '.' not in p) or 'no roles'}). "
+                        f"Resume with the same roles, or start fresh with resume_mode='none'."
+                    )
+            for role in roles:
+                self.writer_for(role).load(store, store.join(step_dir, role.name), role, dist)
+
+        dist.run("load model/optimizer state", load_roles)
+        trainer_state = torch_load(store, store.join(step_dir, TRAINER_STATE_FILE))
+        data_path = store.join(step_dir, DATA_FILE)
+        data = torch_load(store, data_path) if store.exists(data_path) else None
+        step = int(trainer_state.get("global_step", rules.parse_step_dirname(step_dir) or 0))
+        saved_ws = int(trainer_state.get("world_size", 1))
+        rng = None
+        rngs = trainer_state.get("rng_per_rank")
+        if rngs and saved_ws == dist.world_size:
+            rng = rngs[dist.rank]
+        elif rngs and dist.is_main:
+            logger.warning(
+                "checkpoint was saved with world size %d, running with %d: RNG states are not restored", saved_ws, dist.world_size
+            )
+        data_state = None
+        if isinstance(data, dict) and data.get("format") == "skyrl-callbacks":
+            per_rank = data.get("per_rank") or []
+            if len(per_rank) == dist.world_size:
+                data_state = per_rank[dist.rank]
+            elif per_rank and dist.is_main:
+                logger.warning(
+                    "data.pt holds %d rank states, running with %d ranks: dataloader position not restored",
+                    len(per_rank),
+                    dist.world_size,
+                )
+        elif data is not None:
+            data_state = data  # SkyRL writes the dataloader's state_dict directly
+        self.resumed_from = step_dir
+        self.last_saved_step = step
+        return ResumeState(step=step, path=step_dir, trainer_state=trainer_state, rng=rng, data_state=data_state)
+
+    def resume(self, roles: Sequence["Role"]) -> Optional[ResumeState]:
+        """Find the checkpoint for ``resume_mode`` and load it; None when starting fresh.
+
+        In ``latest`` mode a checkpoint that fails verification or loading is reported and the
+        previous committed one is used; in ``from_path`` mode it is an error.
+        """
+        candidates = self.resume_candidates()
+        last_error: Optional[Exception] = None
+        for path in candidates:
+            try:
+                state = self.load(roles, path)
+            except CorruptCheckpointError as exc:
+                if self.config.resume_mode == "from_path":
+                    raise
+                logger.warning("resume: skipping %s: %s", path, exc)
+                last_error = exc
+                continue
+            if self.dist.is_main:
+                newer = [s for s in self.committed_steps() if s > state.step]
+                if newer:
+                    logger.warning(
+                        "resumed from step %d but ckpt_path also holds newer checkpoints %s from an abandoned run; "
+                        "they are kept, and the pointer will name this run's saves",
+                        state.step,
+                        newer,
+                    )
+                logger.info("resumed from %s (step %d)", path, state.step)
+            return state
+        if last_error is not None:
+            raise CorruptCheckpointError(
+                f"no usable checkpoint under {self.storage.root}: every committed checkpoint failed ({last_error}). "
+                f"Set resume_mode='none' to start fresh."
+            ) from last_error
+        return None

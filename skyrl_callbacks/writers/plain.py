@@ -1,0 +1,139 @@
+"""PlainWriter: single process and DDP (replicated weights) in SkyRL's file names.
+
+``policy/model_state.pt``, ``policy/optimizer_state.pt``, ``policy/lr_scheduler_state.pt``,
+written by rank 0 only (every DDP rank holds the same bytes), read by every rank.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from skyrl_callbacks.errors import CorruptCheckpointError, IncompatibleCheckpointError
+from skyrl_callbacks.writers.base import MODEL_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, RoleWriter
+
+if TYPE_CHECKING:
+    from skyrl_callbacks.dist import DistContext
+    from skyrl_callbacks.roles import Role
+    from skyrl_callbacks.storage import Storage
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PlainWriter", "unwrap_model", "pack_states", "unpack_states", "torch_save", "torch_load"]
+
+_MULTI_KEY = "__skyrl_multi__"
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DDP/DataParallel/compile wrappers (their keys carry no ``module.``)."""
+    while True:
+        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, torch.nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def pack_states(objs: list) -> Any:
+    """One optimizer/scheduler saves its ``state_dict`` as is (SkyRL's format); several are listed."""
+    states = [o.state_dict() for o in objs]
+    if len(states) == 1:
+        return states[0]
+    return {_MULTI_KEY: True, "states": states}
+
+
+def unpack_states(data: Any, count: int, what: str, path: str) -> list:
+    states = data["states"] if isinstance(data, dict) and data.get(_MULTI_KEY) else [data]
+    if len(states) != count:
+        raise IncompatibleCheckpointError(
+            f"{path}: holds {len(states)} {what} state(s) but the role has {count} {what}(s). "
+            f"Configure the same {what}s as the run that saved it, or load weights only."
+        )
+    return states
+
+
+def torch_save(storage: "Storage", path: str, obj: Any) -> None:
+    with storage.open(path, "wb") as fh:
+        torch.save(obj, fh)
+
+
+def torch_load(storage: "Storage", path: str, *, weights_only: bool = False) -> Any:
+    """``torch.load`` on CPU with a clear error naming the file when it is unreadable."""
+    try:
+        with storage.open(path, "rb") as fh:
+            return torch.load(fh, map_location="cpu", weights_only=weights_only)
+    except FileNotFoundError as exc:
+        raise CorruptCheckpointError(f"{path}: file is missing ({exc}).") from exc
+    except Exception as exc:  # torch raises RuntimeError/UnpicklingError/EOFError on torn files
+        raise CorruptCheckpointError(f"{path}: cannot be read ({type(exc).__name__}: {exc}).") from exc
+
+
+class PlainWriter(RoleWriter):
+    """Writer for unsharded models (single process, DDP)."""
+
+    kind = "plain"
+
+    def save(self, storage: "Storage", role_dir: str, role: "Role", dist: "DistContext") -> list[str]:
+        if not dist.is_main:
+            return []
+        written = []
+        model = unwrap_model(role.model)
+        sd = role.model_state_dict() if model is role.model else _filtered(model.state_dict(), role)
+        torch_save(storage, storage.join(role_dir, MODEL_FILE), sd)
+        written.append(MODEL_FILE)
+        if role.optimizers:
+            torch_save(storage, storage.join(role_dir, OPTIMIZER_FILE), pack_states(role.optimizers))
+            written.append(OPTIMIZER_FILE)
+        if role.schedulers:
+            torch_save(storage, storage.join(role_dir, SCHEDULER_FILE), pack_states(role.schedulers))
+            written.append(SCHEDULER_FILE)
+        return written
+
+    def load(self, storage: "Storage", role_dir: str, role: "Role", dist: "DistContext") -> None:
+        model = unwrap_model(role.model)
+        path = storage.join(role_dir, MODEL_FILE)
+        sd = torch_load(storage, path, weights_only=True)
+        strict = not role.exclude_prefixes
+        try:
+            result = model.load_state_dict(sd, strict=strict)
+        except RuntimeError as exc:
+            raise IncompatibleCheckpointError(
+                f"{path}: does not match the {role.name} model: {exc}. "
+                f"Build the same architecture as the run that saved it."
+            ) from exc
+        if not strict:
+            missing = [k for k in result.missing_keys if not k.startswith(role.exclude_prefixes)]
+            if missing or result.unexpected_keys:
+                raise IncompatibleCheckpointError(
+                    f"{path}: does not match the {role.name} model (missing {missing[:5]}, "
+                    f"unexpected {list(result.unexpected_keys)[:5]}). Build the same architecture."
+                )
+        self._load_list(storage, storage.join(role_dir, OPTIMIZER_FILE), role.optimizers, "optimizer")
+        self._load_list(storage, storage.join(role_dir, SCHEDULER_FILE), role.schedulers, "lr_scheduler")
+
+    @staticmethod
+    def _load_list(storage: "Storage", path: str, objs: list, what: str) -> None:
+        if not objs:
+            return
+        if not storage.exists(path):
+            raise IncompatibleCheckpointError(
+                f"{path}: missing, but the role has {len(objs)} {what}(s). The checkpoint was saved "
+                f"without {what} state; resume with the same {what} setup as the saving run."
+            )
+        states = unpack_states(torch_load(storage, path), len(objs), what, path)
+        for obj, state in zip(objs, states):
+            try:
+                obj.load_state_dict(state)
+            except (ValueError, KeyError, RuntimeError) as exc:
+                raise IncompatibleCheckpointError(f"{path}: {what} state does not match: {exc}") from exc
+
+
+def _filtered(sd: dict, role: "Role") -> dict:
+    if not role.exclude_prefixes:
+        return sd
+    return {k: v for k, v in sd.items() if not k.startswith(role.exclude_prefixes)}
+
+

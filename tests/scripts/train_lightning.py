@@ -1,0 +1,158 @@
+"""A small RL-shaped Lightning run used by the exact-resume and crash tests.
+
+policy + critic (+ a frozen reference model that must never be saved), dropout so the RNG
+matters, AdamW + LR schedulers. Writes a log of the batches each step saw and, at the end,
+the final states to ``--out``. ``--kill-at-step K`` SIGKILLs the whole process group inside
+step K (after the rules ran), like a preemption without warning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import lightning.pytorch as pl
+
+from skyrl_callbacks import ResumableDataLoader, SkyRLCheckpoint
+
+
+class RLModule(pl.LightningModule):
+    def __init__(self, manual: bool, log_path: str) -> None:
+        super().__init__()
+        self.policy = nn.Sequential(nn.Linear(8, 32), nn.Dropout(0.2), nn.ReLU(), nn.Linear(32, 4))
+        self.critic = nn.Sequential(nn.Linear(8, 16), nn.Dropout(0.2), nn.ReLU(), nn.Linear(16, 1))
+        self.ref = nn.Linear(8, 4)
+        self.ref.requires_grad_(False)
+        self.automatic_optimization = not manual
+        self.log_path = log_path
+        self.seen = 0
+
+    def _record(self, batch) -> None:
+        x, idx = batch
+        rank = self.trainer.global_rank
+        with open(f"{self.log_path}.rank{rank}", "a") as fh:
+            fh.write(json.dumps({"idx": idx.tolist(), "noise": float(torch.rand(1))}) + "\n")
+
+    def _losses(self, batch):
+        x, _ = batch
+        logits = self.policy(x)
+        kl = (logits - self.ref(x)).pow(2).mean()
+        value = self.critic(x).squeeze(-1)
+        reward = logits.softmax(-1)[:, 0].detach()
+        return -(logits.log_softmax(-1)[:, 0] * (reward - value.detach())).mean() + 0.1 * kl, (value - reward).pow(2).mean()
+
+    def training_step(self, batch, batch_idx):
+        self._record(batch)
+        if self.automatic_optimization:
+            pl_loss, v_loss = self._losses(batch)
+            return pl_loss + v_loss
+        opt_p, opt_c = self.optimizers()
+        sch_p, sch_c = self.lr_schedulers()
+        pl_loss, v_loss = self._losses(batch)
+        opt_p.zero_grad()
+        self.manual_backward(pl_loss)
+        opt_p.step()
+        opt_c.zero_grad()
+        self.manual_backward(v_loss)
+        opt_c.step()
+        sch_p.step()
+        sch_c.step()
+
+    def configure_optimizers(self):
+        if self.automatic_optimization:
+            opt = torch.optim.AdamW(list(self.policy.parameters()) + list(self.critic.parameters()), lr=1e-2)
+            sch = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.9)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sch, "interval": "step"}}
+        opt_p = torch.optim.AdamW(self.policy.parameters(), lr=1e-2)
+        opt_c = torch.optim.AdamW(self.critic.parameters(), lr=2e-2)
+        return [opt_p, opt_c], [
+            torch.optim.lr_scheduler.StepLR(opt_p, step_size=3, gamma=0.9),
+            torch.optim.lr_scheduler.StepLR(opt_c, step_size=2, gamma=0.8),
+        ]
+
+
+class KillAt(pl.Callback):
+    def __init__(self, step: int) -> None:
+        self.kill_step = step
+        self.batches = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        skyrl = next(cb for cb in trainer.callbacks if isinstance(cb, SkyRLCheckpoint))
+        if skyrl.step >= self.kill_step:
+            os.killpg(os.getpgid(0), signal.SIGKILL)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--ckpt-path", required=True)
+    p.add_argument("--export-path", default=None)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--interval", type=int, default=5)
+    p.add_argument("--keep", type=int, default=-1)
+    p.add_argument("--hf-interval", type=int, default=-1)
+    p.add_argument("--kill-at-step", type=int, default=-1)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--shuffle", choices=["none", "global", "generator"], default="global")
+    p.add_argument("--loader", choices=["resumable", "mixin"], default="resumable")
+    p.add_argument("--samples", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--devices", type=int, default=1)
+    p.add_argument("--manual", action="store_true")
+    p.add_argument("--accumulate", type=int, default=1)
+    p.add_argument("--log", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=1234)
+    args = p.parse_args()
+
+    pl.seed_everything(args.seed, workers=True)
+    x = torch.randn(args.samples, 8, generator=torch.Generator().manual_seed(0))
+    ds = TensorDataset(x, torch.arange(args.samples))
+    kwargs = dict(batch_size=args.batch_size, num_workers=args.num_workers, shuffle=args.shuffle != "none")
+    if args.shuffle == "generator":
+        kwargs["generator"] = torch.Generator().manual_seed(77)
+    if args.loader == "resumable":
+        loader = ResumableDataLoader(ds, **kwargs)
+    else:
+        from skyrl_callbacks import DataLoaderStateMixin
+
+        class MyLoader(DataLoaderStateMixin, DataLoader):
+            pass
+
+        loader = MyLoader(ds, **kwargs)
+
+    module = RLModule(args.manual, args.log)
+    cfg = {"ckpt_interval": args.interval, "ckpt_path": args.ckpt_path, "max_ckpts_to_keep": args.keep,
+           "hf_save_interval": args.hf_interval, "export_path": args.export_path or args.ckpt_path + "_export"}
+    callbacks = [SkyRLCheckpoint(cfg)]
+    if args.kill_at_step > 0:
+        callbacks.append(KillAt(args.kill_at_step))
+    max_steps = args.steps * (2 if args.manual else 1)  # manual: Lightning counts every optimizer.step()
+    trainer = pl.Trainer(
+        max_steps=max_steps, accelerator="cpu", devices=args.devices,
+        strategy="ddp" if args.devices > 1 else "auto", callbacks=callbacks,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        accumulate_grad_batches=args.accumulate, num_sanity_val_steps=0,
+    )
+    trainer.fit(module, loader)
+    if trainer.is_global_zero:
+        skyrl = callbacks[0]
+        state = {
+            "policy": module.policy.state_dict(),
+            "critic": module.critic.state_dict(),
+            "optimizers": [o.state_dict() for o in trainer.optimizers],
+            "schedulers": [c.scheduler.state_dict() for c in trainer.lr_scheduler_configs],
+            "rng": torch.get_rng_state(),
+            "step": skyrl.step,
+            "resumed_step": skyrl.resumed_step,
+        }
+        torch.save(state, args.out)
+
+
+if __name__ == "__main__":
+    main()
