@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 _LAZY = {
-    "SkyRLCheckpoint": "skyrl_callbacks.integrations.lightning",
+    "SkyRLCheckpoint": "skyrl_callbacks.callback",
     "DataLoaderStateMixin": "skyrl_callbacks.data",
     "ResumableDataLoader": "skyrl_callbacks.data",
 }

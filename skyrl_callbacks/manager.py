@@ -219,6 +219,7 @@ class CheckpointManager:
                 world_size=dist.world_size,
                 strategies={r.name: self.writer_for(r).kind for r in roles},
                 algo=algo,
+                extra={"parent_step": self.last_saved_step},
             )
             storage.commit(staging, final, manifest)
             storage.atomic_write(self.pointer_path, f"{int(step)}".encode())
@@ -308,7 +309,7 @@ class CheckpointManager:
         for old in doomed:
             path = self.step_dir(old)
             logger.info("retention: deleting %s (max_ckpts_to_keep=%d)", path, self.config.max_ckpts_to_keep)
-            self.storage.rm(path)
+            self.storage.delete_checkpoint(path)
         for leftover in self.storage.leftovers():
             logger.info("removing leftover of an interrupted save: %s", leftover)
             self.storage.rm(leftover)
@@ -375,10 +376,26 @@ class CheckpointManager:
                 logger.warning("resume: %s (ckpt_path=%s)", warning, self.storage.root)
             if step is None:
                 return []
+            if warning is None and any(s > step for s in committed):
+                parents = {s: self._parent_step(s) for s in committed if s > step}
+                newer = rules.follow_commits_after_pointer(step, committed, parents)
+                if newer != step:
+                    logger.warning(
+                        "resume: global_step_%d was committed after the pointer (global_step_%d) was last moved; "
+                        "resuming from it", newer, step,
+                    )
+                    step = newer
             order = [step] + [s for s in reversed(committed) if s != step]
             return [self.step_dir(s) for s in order]
 
         return self.dist.broadcast(self.dist.run_on_main("find checkpoint", decide))
+
+    def _parent_step(self, step: int) -> Optional[int]:
+        try:
+            manifest = read_manifest(self.storage, self.step_dir(step))
+        except (ValueError, OSError):
+            return None
+        return None if manifest is None else manifest.get("parent_step")
 
     def verify(self, step_dir: str, *, checksums: Optional[bool] = None) -> list[str]:
         """Problems of ``step_dir`` against its manifest ([] when fine; legacy dirs pass)."""

@@ -6,7 +6,7 @@ No IO and no framework here, so every rule is tested with plain tables.
 from __future__ import annotations
 
 import re
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 __all__ = [
     "STEP_DIR_PREFIX",
@@ -19,6 +19,7 @@ __all__ = [
     "steps_to_delete",
     "select_resume_step",
     "parse_pointer",
+    "follow_commits_after_pointer",
 ]
 
 STEP_DIR_PREFIX = "global_step_"
@@ -101,3 +102,18 @@ def select_resume_step(pointer: Optional[int], committed: Sequence[int]) -> tupl
         f"pointer names global_step_{pointer}, which is missing or incomplete; "
         f"resuming from the newest committed global_step_{newest}"
     )
+
+
+def follow_commits_after_pointer(pointer: int, committed: Sequence[int], parent_of: Mapping[int, Optional[int]]) -> int:
+    """The newest checkpoint committed by the same run after the one the pointer names.
+
+    The pointer moves right after each commit, so a crash in between leaves one committed
+    checkpoint newer than the pointer whose manifest names the pointer's step as its parent.
+    Newer checkpoints of an abandoned run (after a ``from_path`` resume to an older step)
+    name other parents and are ignored.
+    """
+    current = pointer
+    for step in sorted(s for s in committed if s > pointer):
+        if parent_of.get(step) == current:
+            current = step
+    return current

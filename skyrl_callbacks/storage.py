@@ -133,10 +133,9 @@ class Storage:
                     out[rel] = os.path.getsize(full)
             return out
         prefix = top.rstrip("/")
-        bare = split_protocol(prefix)[1]
+        bare = split_protocol(prefix)[1].lstrip("/")
         for path, info in self.fs.find(prefix, detail=True).items():
-            rel = str(path)
-            rel = rel.split("://", 1)[-1]
+            rel = str(path).split("://", 1)[-1].lstrip("/")
             rel = rel[len(bare):].lstrip("/") if rel.startswith(bare) else rel
             if info.get("type") == "directory":
                 continue
@@ -258,6 +257,25 @@ class Storage:
         _fsync_dir(parent)
         if trash is not None:
             self.rm(trash)
+
+    def delete_checkpoint(self, step_dir: str) -> None:
+        """Delete a committed checkpoint so that a crash midway never leaves a partial one visible.
+
+        Local: one rename to a ``.trash-`` sibling (atomic), then the tree is removed. Object
+        stores: the manifest (the commit marker) goes first, then the objects.
+        """
+        if self.supports_rename:
+            parent = os.path.dirname(step_dir.rstrip("/"))
+            trash = os.path.join(parent, f"{TRASH_PREFIX}{os.path.basename(step_dir.rstrip('/'))}-{uuid.uuid4().hex[:8]}")
+            try:
+                os.rename(step_dir, trash)
+            except FileNotFoundError:
+                return
+            _fsync_dir(parent)
+            self.rm(trash)
+            return
+        self.rm(self.join(step_dir, MANIFEST_FILE), recursive=False)
+        self.rm(step_dir)
 
     def is_committed(self, step_dir: str) -> bool:
         """True when ``step_dir`` is a complete, published checkpoint directory."""

@@ -69,3 +69,17 @@ def test_select_resume_step(pointer, committed, step, warns):
 @pytest.mark.parametrize("last,saved,expected", [(10, 10, False), (12, 10, True), (0, None, False), (5, None, True)])
 def test_needs_final_save(last, saved, expected):
     assert rules.needs_final_save(last, saved) is expected
+
+
+@pytest.mark.parametrize(
+    "pointer,committed,parents,expected",
+    [
+        (20, [10, 20], {}, 20),
+        (20, [10, 20, 30], {30: 20}, 30),  # crash between commit of 30 and the pointer move
+        (20, [10, 20, 30, 40], {30: 20, 40: 30}, 40),
+        (21, [10, 21, 30, 40], {30: 20, 40: 30}, 21),  # 30/40 belong to an abandoned run
+        (20, [10, 20, 30], {30: None}, 20),
+    ],
+)
+def test_follow_commits_after_pointer(pointer, committed, parents, expected):
+    assert rules.follow_commits_after_pointer(pointer, committed, parents) == expected

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lightning.pytorch as pl
 
-from skyrl_callbacks import ResumableDataLoader, SkyRLCheckpoint
+from skyrl_callbacks import SkyRLCheckpoint
 
 
 class RLModule(pl.LightningModule):
@@ -56,10 +56,9 @@ class RLModule(pl.LightningModule):
         sch_p, sch_c = self.lr_schedulers()
         pl_loss, v_loss = self._losses(batch)
         opt_p.zero_grad()
-        self.manual_backward(pl_loss)
-        opt_p.step()
         opt_c.zero_grad()
-        self.manual_backward(v_loss)
+        self.manual_backward(pl_loss + v_loss)  # one backward: DDP needs every parameter in the graph
+        opt_p.step()
         opt_c.step()
         sch_p.step()
         sch_c.step()
@@ -99,7 +98,7 @@ def main() -> None:
     p.add_argument("--kill-at-step", type=int, default=-1)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--shuffle", choices=["none", "global", "generator"], default="global")
-    p.add_argument("--loader", choices=["resumable", "mixin"], default="resumable")
+    p.add_argument("--loader", choices=["resumable", "mixin", "plain"], default="resumable")
     p.add_argument("--samples", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--devices", type=int, default=1)
@@ -116,7 +115,11 @@ def main() -> None:
     kwargs = dict(batch_size=args.batch_size, num_workers=args.num_workers, shuffle=args.shuffle != "none")
     if args.shuffle == "generator":
         kwargs["generator"] = torch.Generator().manual_seed(77)
-    if args.loader == "resumable":
+    if args.loader == "plain":
+        loader = DataLoader(ds, **kwargs)
+    elif args.loader == "resumable":
+        from skyrl_callbacks import ResumableDataLoader
+
         loader = ResumableDataLoader(ds, **kwargs)
     else:
         from skyrl_callbacks import DataLoaderStateMixin

@@ -1,4 +1,4 @@
-"""SkyRLCheckpoint as a PyTorch Lightning callback.
+"""SkyRLCheckpoint: one callback for Lightning (hooks) and Accelerate loops (``bind``/``step``).
 
 ``Trainer(callbacks=[SkyRLCheckpoint(cfg)])`` saves in SkyRL's layout on
 ``on_train_batch_end``, resumes by itself inside ``trainer.fit`` (no ``ckpt_path``
@@ -20,15 +20,16 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
-from skyrl_callbacks.errors import require
+from skyrl_callbacks.config import CheckpointConfig
+from skyrl_callbacks.dist import DistContext
+from skyrl_callbacks.manager import CheckpointManager, SaveResult
+from skyrl_callbacks.rng import restore_rng
+from skyrl_callbacks.roles import REF_ATTRS, Role, assign_optimizers, discover_roles
 
-_pl = require("lightning.pytorch", "lightning", "SkyRLCheckpoint for Lightning")
-
-from skyrl_callbacks.config import CheckpointConfig  # noqa: E402
-from skyrl_callbacks.dist import DistContext  # noqa: E402
-from skyrl_callbacks.manager import CheckpointManager, SaveResult  # noqa: E402
-from skyrl_callbacks.rng import restore_rng  # noqa: E402
-from skyrl_callbacks.roles import REF_ATTRS, Role, assign_optimizers, discover_roles  # noqa: E402
+try:  # Lightning is optional: without it SkyRLCheckpoint still drives Accelerate/plain loops
+    from lightning.pytorch import Callback as _CallbackBase
+except ImportError:  # pragma: no cover - exercised in a venv without lightning
+    _CallbackBase = object  # type: ignore[assignment,misc]
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -38,7 +39,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["SkyRLCheckpoint"]
 
 
-class SkyRLCheckpoint(_pl.Callback):
+class SkyRLCheckpoint(_CallbackBase):
     """Checkpoint a Lightning run the way SkyRL does, with exact resume.
 
     Args:
@@ -175,7 +176,7 @@ class SkyRLCheckpoint(_pl.Callback):
         if state.rng is not None:
             restore_rng(state.rng)
         if trainer.is_global_zero:
-            logger.info("SkyRLCheckpoint: resumed from %s; continuing at step %d", state.path, self.step + 1)
+            _announce(f"[skyrl-ckpt] resumed from {state.path}; continuing at step {self.step + 1}")
 
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int) -> None:
         step = self._current_step(trainer, pl_module)
@@ -225,6 +226,26 @@ class SkyRLCheckpoint(_pl.Callback):
                      "fp32": torch.float32, "float32": torch.float32}[dtype]
         self.manager.export_hf(step, policy, max_shard_size=self.max_shard_size, dtype=dtype)
 
+    # ------------------------------------------------------------------ Accelerate / plain loops
+    def bind(self, accelerator: Any = None, **roles_and_state: Any) -> Any:
+        """Bind to a hand-written (Accelerate) loop and resume; see
+        :func:`skyrl_callbacks.integrations.accelerate.bind` for the arguments."""
+        from skyrl_callbacks.integrations import accelerate as _acc
+
+        return _acc.bind(self, accelerator, **roles_and_state)
+
+    def step(self, step: Optional[int] = None) -> Any:
+        """Call once after every completed training iteration of a bound loop."""
+        from skyrl_callbacks.integrations import accelerate as _acc
+
+        return _acc.step(self, step)
+
+    def finish(self) -> Any:
+        """Call once at the end of a bound loop: final checkpoint and export."""
+        from skyrl_callbacks.integrations import accelerate as _acc
+
+        return _acc.finish(self)
+
     # ------------------------------------------------------------------ callback state
     def state_dict(self) -> dict:
         return {"step": self.step}
@@ -234,14 +255,15 @@ class SkyRLCheckpoint(_pl.Callback):
 
 
 def _print_summary(trainer: "pl.Trainer", result: SaveResult, seconds: float) -> None:
-    line = (
+    _announce(
         f"[skyrl-ckpt] step {result.step}: {result.bytes / 1e6:.1f} MB in {seconds:.2f} s "
         f"({result.gbps:.2f} GB/s) -> {result.path}"
     )
-    logger.info(line)
-    try:
-        from lightning.pytorch.utilities import rank_zero_info
 
-        rank_zero_info(line)
-    except ImportError:  # pragma: no cover
-        print(line, flush=True)
+
+def _announce(line: str) -> None:
+    """A user-facing line: through Lightning's console logger (rank 0), and our logger."""
+    logger.debug(line)
+    from lightning.pytorch.utilities import rank_zero_info
+
+    rank_zero_info(line)

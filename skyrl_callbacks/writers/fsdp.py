@@ -1,0 +1,1373 @@
+"""FSDPWriter: FSDP2 (``fully_shard``) and FSDP1 (``FullyShardedDataParallel``) roles.
+
+Layout of one role directory (``global_step_N/policy/``), see ``docs/fsdp.md``:
+
+``state_dict_type="sharded"`` (default; every rank writes its own shards, reshardable)::
+
+    fsdp_config.json            rank 0: strategy, world size, layout, format version
+    model_state.dcp/            torch.distributed.checkpoint directory of the model
+        .metadata               rank 0 (DCP coordinator)
+        __{rank}_0.distcp       one per rank: that rank's shards
+    optimizer_state.dcp/        same, for {"optimizer_0": ..., "optimizer_1": ...}
+    lr_scheduler_state.pt       rank 0: scheduler state_dict (plain torch.save)
+
+``state_dict_type="full"`` (rank 0 writes SkyRL's single files, readable by plain torch)::
+
+    fsdp_config.json
+    model_state.pt              full (unsharded) model state_dict
+    optimizer_state.pt          full optimizer state_dict in torch.optim's index-keyed format
+    lr_scheduler_state.pt
+
+Loading reads whatever layout ``fsdp_config.json`` names (not the writer's own setting), and
+also SkyRL's native per-rank files (``model_world_size_{W}_rank_{R}.pt`` ...) at the world size
+that wrote them; :func:`convert_skyrl_native` turns those into the reshardable layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import uuid
+import warnings
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
+
+import torch
+
+from skyrl_callbacks.errors import (
+    CheckpointError,
+    ConfigError,
+    CorruptCheckpointError,
+    IncompatibleCheckpointError,
+    StorageError,
+)
+from skyrl_callbacks.writers.base import MODEL_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, RoleWriter
+from skyrl_callbacks.writers.plain import pack_states, torch_load, torch_save, unpack_states
+
+if TYPE_CHECKING:
+    from skyrl_callbacks.dist import DistContext
+    from skyrl_callbacks.roles import Role
+    from skyrl_callbacks.storage import Storage
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "FSDPWriter",
+    "is_fsdp_model",
+    "fsdp_strategy_of",
+    "check_shared_storage",
+    "convert_skyrl_native",
+    "native_layout_info",
+    "read_fsdp_config",
+    "FSDP_CONFIG_FILE",
+    "MODEL_DCP_DIR",
+    "OPTIMIZER_DCP_DIR",
+    "FORMAT_VERSION",
+    "STATE_DICT_TYPES",
+]
+
+FSDP_CONFIG_FILE = "fsdp_config.json"
+MODEL_DCP_DIR = "model_state.dcp"
+OPTIMIZER_DCP_DIR = "optimizer_state.dcp"
+#: version of the layout described in this module (``fsdp_config.json["format_version"]``)
+FORMAT_VERSION = 1
+STATE_DICT_TYPES = ("sharded", "full")
+SHARED_MARKER_PREFIX = ".skyrl-shared-storage-check-"
+CONVERT_HINT = "skyrl-ckpt convert CKPT_DIR OUT"
+
+_NATIVE_RE = re.compile(r"^(model|optim|extra_state)_world_size_(\d+)_rank_(\d+)\.pt$")
+_DCP_METADATA = ".metadata"
+
+
+# --------------------------------------------------------------------------- detection
+def _fsdp_classes() -> tuple[Optional[type], Optional[type]]:
+    try:
+        from torch.distributed.fsdp import FSDPModule  # torch >= 2.6
+    except ImportError:  # pragma: no cover - older torch
+        try:
+            from torch.distributed._composable.fsdp import FSDPModule  # type: ignore[no-redef]
+        except ImportError:
+            FSDPModule = None  # type: ignore[assignment,misc]
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover
+        FullyShardedDataParallel = None  # type: ignore[assignment,misc]
+    return FSDPModule, FullyShardedDataParallel
+
+
+def fsdp_strategy_of(model: Any) -> Optional[str]:
+    """``"fsdp2"`` if ``fully_shard`` was applied to ``model`` or any submodule, ``"fsdp"`` for
+    ``FullyShardedDataParallel`` (anywhere inside), else None."""
+    if not isinstance(model, torch.nn.Module):
+        return None
+    fsdp2_cls, fsdp1_cls = _fsdp_classes()
+    found1 = found2 = False
+    for module in model.modules():
+        if fsdp2_cls is not None and isinstance(module, fsdp2_cls):
+            found2 = True
+        elif fsdp1_cls is not None and isinstance(module, fsdp1_cls):
+            found1 = True
+    if found2:
+        return "fsdp2"
+    if found1:
+        return "fsdp"
+    return None
+
+
+def is_fsdp_model(model: Any) -> bool:
+    """True for FSDP2 and FSDP1 models, also when nested inside a plain wrapper module."""
+    return fsdp_strategy_of(model) is not None
+
+
+# --------------------------------------------------------------------------- small helpers
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence torch's deprecation chatter (ShardedTensor, _get_pg_default_device, DeviceMesh
+    pickling) that FSDP1 and DCP emit on every call."""
+    mesh_logger = logging.getLogger("torch.distributed.device_mesh")
+    level = mesh_logger.level
+    mesh_logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            warnings.filterwarnings("ignore", message=".*_get_pg_default_device.*")
+            warnings.filterwarnings("ignore", message=".*Multiple backends are registered.*")
+            warnings.filterwarnings("ignore", message=".*ShardedTensor.*")
+            warnings.filterwarnings("ignore", message=".*torch.distributed.checkpoint.*")
+            warnings.filterwarnings("ignore", message=".*Gathering a tensor with zero elements.*")
+            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled, unavailable or uninitialized.*")
+            yield
+    finally:
+        mesh_logger.setLevel(level)
+
+
+def _is_dtensor(value: Any) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(value, DTensor)
+
+
+def _is_sharded_tensor(value: Any) -> bool:
+    try:
+        from torch.distributed._shard.sharded_tensor import ShardedTensor
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(value, ShardedTensor)
+
+
+def _global_shape(value: torch.Tensor) -> tuple[int, ...]:
+    if _is_sharded_tensor(value):
+        return tuple(value.metadata().size)
+    return tuple(value.shape)
+
+
+def _dtype_of(value: torch.Tensor) -> torch.dtype:
+    if _is_sharded_tensor(value):
+        return value.metadata().tensor_properties.dtype
+    return value.dtype
+
+
+def _local_device(value: torch.Tensor) -> torch.device:
+    if _is_dtensor(value):
+        return value.to_local().device
+    if _is_sharded_tensor(value):
+        shards = value.local_shards()
+        if shards:
+            return shards[0].tensor.device
+        return torch.device("cpu")
+    return value.device
+
+
+def _group_rank0(dist: "DistContext") -> int:
+    """Global rank of the group's rank 0 (c10d's ``src``/``dst`` take global ranks)."""
+    if dist.group is None or not dist.enabled:
+        return 0
+    import torch.distributed as tdist
+
+    return tdist.get_global_rank(dist.group, 0)
+
+
+def _walk_tensors(obj: Any, path: tuple = ()) -> Iterator[tuple[tuple, torch.Tensor]]:
+    """``(path, tensor)`` for every tensor leaf, in an order that is the same on every rank."""
+    if isinstance(obj, torch.Tensor):
+        yield path, obj
+    elif isinstance(obj, dict):
+        keys = list(obj.keys())
+        if all(isinstance(k, str) for k in keys):
+            keys = sorted(keys)
+        for k in keys:
+            yield from _walk_tensors(obj[k], path + (k,))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _walk_tensors(v, path + (i,))
+
+
+def _get_path(obj: Any, path: tuple) -> Any:
+    for p in path:
+        obj = obj[p]
+    return obj
+
+
+def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    """A copy of nested dicts/lists with every tensor leaf replaced by ``fn(tensor)``.
+
+    ``fn`` is called in :func:`_walk_tensors` order, so collectives inside it line up.
+    """
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        keys = list(obj.keys())
+        order = sorted(keys) if all(isinstance(k, str) for k in keys) else keys
+        out = {k: _map_tensors(obj[k], fn) for k in order}
+        return {k: out[k] for k in keys}
+    if isinstance(obj, list):
+        return [_map_tensors(v, fn) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_map_tensors(v, fn) for v in obj)
+    return obj
+
+
+def _raise_collectively(dist: "DistContext", phase: str, error: Optional[BaseException]) -> None:
+    """Collective: if any rank failed, every rank raises a typed error.
+
+    The failing rank re-raises its own exception; the others raise the same class (when it is one
+    of ours) with the failing rank's message, so callers can rely on the exception type
+    (``IncompatibleCheckpointError`` ...) on every rank, not only where it happened.
+    """
+    msg = None if error is None else (type(error).__name__, str(error))
+    msgs = dist.all_gather(msg)
+    failures = {r: m for r, m in enumerate(msgs) if m is not None}
+    if not failures:
+        return
+    if error is not None:
+        raise error
+    rank, (cls_name, text) = sorted(failures.items())[0]
+    cls = {
+        "IncompatibleCheckpointError": IncompatibleCheckpointError,
+        "CorruptCheckpointError": CorruptCheckpointError,
+        "StorageError": StorageError,
+        "ConfigError": ConfigError,
+    }.get(cls_name, CheckpointError)
+    others = f" (and {len(failures) - 1} more rank(s))" if len(failures) > 1 else ""
+    raise cls(f"{phase} failed on rank {rank}{others}: {text}")
+
+
+def _collective(dist: "DistContext", phase: str, fn: Callable[[], Any]) -> Any:
+    error: Optional[BaseException] = None
+    result = None
+    try:
+        result = fn()
+    except Exception as exc:  # noqa: BLE001 - raised collectively below
+        error = exc
+    _raise_collectively(dist, phase, error)
+    return result
+
+
+def _write_json(storage: "Storage", path: str, data: dict) -> None:
+    with storage.open(path, "wb") as fh:
+        fh.write(json.dumps(data, indent=1, sort_keys=True).encode("utf-8"))
+
+
+def read_fsdp_config(storage: "Storage", role_dir: str) -> Optional[dict]:
+    """The parsed ``fsdp_config.json`` of ``role_dir``, or None when there is none.
+
+    Raises:
+        CorruptCheckpointError: the file exists but is not a JSON object.
+    """
+    path = storage.join(role_dir, FSDP_CONFIG_FILE)
+    if not storage.exists(path):
+        return None
+    try:
+        data = json.loads(storage.read_text(path))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CorruptCheckpointError(f"{path}: not valid JSON ({exc}).") from exc
+    if not isinstance(data, dict):
+        raise CorruptCheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}.")
+    return data
+
+
+def native_layout_info(storage: "Storage", role_dir: str) -> Optional[dict]:
+    """Describe SkyRL's native per-rank files in ``role_dir``, or None when there are none.
+
+    Returns:
+        ``{"world_size": W, "fsdp_strategy": "fsdp"|"fsdp2"|None, "ranks": {kind: [ranks]}}``.
+
+    Raises:
+        CorruptCheckpointError: files of several world sizes, or ranks missing.
+    """
+    sizes: dict[int, dict[str, set]] = {}
+    for name in storage.listdir(role_dir):
+        m = _NATIVE_RE.match(name)
+        if m:
+            sizes.setdefault(int(m.group(2)), {}).setdefault(m.group(1), set()).add(int(m.group(3)))
+    if not sizes:
+        return None
+    if len(sizes) > 1:
+        raise CorruptCheckpointError(
+            f"{role_dir}: holds SkyRL per-rank files of several world sizes {sorted(sizes)}; "
+            f"remove the stale ones."
+        )
+    (world, kinds), = sizes.items()
+    cfg = read_fsdp_config(storage, role_dir) or {}
+    if cfg.get("world_size") not in (None, world):
+        raise CorruptCheckpointError(
+            f"{role_dir}: fsdp_config.json says world_size={cfg.get('world_size')} but the "
+            f"per-rank files are for world size {world}."
+        )
+    for kind in ("model",):
+        missing = sorted(set(range(world)) - kinds.get(kind, set()))
+        if missing:
+            raise CorruptCheckpointError(
+                f"{role_dir}: SkyRL checkpoint of world size {world} lacks {kind}_world_size_{world}_rank_R.pt "
+                f"for ranks {missing}."
+            )
+    return {
+        "world_size": world,
+        "fsdp_strategy": cfg.get("fsdp_strategy"),
+        "ranks": {k: sorted(v) for k, v in kinds.items()},
+    }
+
+
+def _native_name(kind: str, world: int, rank: int) -> str:
+    return f"{kind}_world_size_{world}_rank_{rank}.pt"
+
+
+# --------------------------------------------------------------------------- DCP plumbing
+def _dcp_writer(storage: "Storage", path: str, thread_count: int = 1):
+    if storage.is_local:
+        from torch.distributed.checkpoint import FileSystemWriter
+
+        os.makedirs(path, exist_ok=True)
+        return FileSystemWriter(path, single_file_per_rank=True, sync_files=True, thread_count=thread_count)
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+    return FsspecWriter(path, single_file_per_rank=True, sync_files=False, thread_count=thread_count,
+                        **storage.storage_options)
+
+
+def _dcp_reader(storage: "Storage", path: str):
+    if storage.is_local:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        return FileSystemReader(path)
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+    return FsspecReader(path, **storage.storage_options)
+
+
+def _dcp_save(state: dict, storage: "Storage", path: str, dist: Optional["DistContext"], thread_count: int = 1) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    writer = _dcp_writer(storage, path, thread_count)
+    no_dist = dist is None or not dist.enabled
+    try:
+        with _quiet():
+            dcp.save(state, storage_writer=writer, process_group=None if no_dist else dist.group, no_dist=no_dist)
+    except BaseException as exc:  # DCP raises CheckpointException, a BaseException, on every rank
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise StorageError(f"{path}: writing the sharded checkpoint failed: {_short(exc)}") from exc
+
+
+def _dcp_load(state: dict, storage: "Storage", path: str, dist: Optional["DistContext"]) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    reader = _dcp_reader(storage, path)
+    no_dist = dist is None or not dist.enabled
+    try:
+        with _quiet():
+            dcp.load(state, storage_reader=reader, process_group=None if no_dist else dist.group, no_dist=no_dist)
+    except BaseException as exc:
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise CorruptCheckpointError(f"{path}: reading the sharded checkpoint failed: {_short(exc)}") from exc
+
+
+def _short(exc: BaseException, limit: int = 600) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def _dcp_metadata(storage: "Storage", path: str):
+    reader = _dcp_reader(storage, path)
+    try:
+        with _quiet():
+            return reader.read_metadata()
+    except FileNotFoundError as exc:
+        raise CorruptCheckpointError(f"{path}: {_DCP_METADATA} is missing ({exc}).") from exc
+    except Exception as exc:  # noqa: BLE001
+        raise CorruptCheckpointError(f"{path}: {_DCP_METADATA} cannot be read ({_short(exc)}).") from exc
+
+
+def _flatten_keys(state: dict) -> dict[str, Any]:
+    """DCP's flattened view (``a.b.0.c`` -> leaf) of a nested state dict."""
+    try:
+        from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+
+        flat, _ = flatten_state_dict(state)
+        return flat
+    except Exception:  # pragma: no cover - private helper moved; fall back to a plain walk
+        return {".".join(map(str, p)): t for p, t in _walk_tensors(state)}
+
+
+def _check_against_metadata(template: dict, metadata: Any, path: str, what: str, strict: bool) -> None:
+    """Raise IncompatibleCheckpointError naming missing/unexpected keys and shape mismatches."""
+    saved = metadata.state_dict_metadata
+    flat = _flatten_keys(template)
+    missing = [k for k in flat if k not in saved]
+    unexpected = [k for k in saved if k not in flat] if strict else []
+    shapes = []
+    for key, value in flat.items():
+        md = saved.get(key)
+        if isinstance(value, torch.Tensor) and md is not None and hasattr(md, "size"):
+            if tuple(md.size) != _global_shape(value):
+                shapes.append(f"{key}: saved {tuple(md.size)}, model {_global_shape(value)}")
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[:5]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:5]})")
+        if shapes:
+            parts.append(f"{len(shapes)} with another shape (e.g. {shapes[:3]})")
+        raise IncompatibleCheckpointError(
+            f"{path}: does not match the {what}: {'; '.join(parts)}. "
+            f"Build the same architecture (and optimizer setup) as the run that saved it."
+        )
+
+
+def _own_dcp_files(storage: "Storage", path: str, rel_dir: str, rank: int, is_coordinator: bool) -> list[str]:
+    """The files DCP wrote for ``rank`` (``__{rank}_{i}.distcp``) plus ``.metadata`` on the coordinator."""
+    prefix = f"__{rank}_"
+    out = [f"{rel_dir}/{n}" for n in storage.listdir(path) if n.startswith(prefix) and n.endswith(".distcp")]
+    if is_coordinator:
+        out.append(f"{rel_dir}/{_DCP_METADATA}")
+    return sorted(out)
+
+
+# --------------------------------------------------------------------------- state dicts
+def _sd_options(**kwargs: Any):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(**kwargs)
+
+
+def _model_sd(role: "Role", **options: Any) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    with _quiet():
+        sd = get_model_state_dict(role.model, options=_sd_options(**options))
+    if role.exclude_prefixes:
+        sd = {k: v for k, v in sd.items() if not k.startswith(role.exclude_prefixes)}
+    return sd
+
+
+def _optim_sd(role: "Role", optimizer: Any, **options: Any) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    with _quiet():
+        return get_optimizer_state_dict(role.model, optimizer, options=_sd_options(**options))
+
+
+def _set_model_sd(role: "Role", sd: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    with _quiet():
+        set_model_state_dict(role.model, sd, options=_sd_options(strict=not role.exclude_prefixes))
+
+
+def _set_optim_sd(role: "Role", optimizer: Any, osd: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    with _quiet():
+        set_optimizer_state_dict(role.model, optimizer, osd, options=_sd_options())
+
+
+def _gather_full(value: torch.Tensor, dist: "DistContext") -> Optional[torch.Tensor]:
+    """Collective: the full tensor of a sharded ``value`` on rank 0, on the CPU.
+
+    DTensor: ``full_tensor()`` (every rank briefly holds this one tensor). ShardedTensor
+    (FSDP1): ``gather`` to rank 0 only. Plain tensors are replicated and returned as is
+    (detached, on the CPU). Other ranks get None for ShardedTensors.
+    """
+    if _is_dtensor(value):
+        with _quiet():
+            full = value.full_tensor()
+        return full.detach().cpu()
+    if _is_sharded_tensor(value):
+        device = _local_device(value)
+        out = (
+            torch.empty(_global_shape(value), dtype=_dtype_of(value), device=device)
+            if dist.is_main
+            else None
+        )
+        with _quiet():
+            value.gather(dst=_group_rank0(dist), out=out, dtype=_dtype_of(value))
+        return None if out is None else out.cpu()
+    return value.detach().cpu()
+
+
+def _local_slices(value: torch.Tensor) -> list[tuple[tuple[slice, ...], torch.Tensor]]:
+    """``(global slices, local tensor)`` of the pieces of ``value`` held by this rank."""
+    if _is_dtensor(value):
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        mesh = value.device_mesh
+        if mesh.get_coordinate() is None:
+            return []
+        shape, offset = compute_local_shape_and_global_offset(value.shape, mesh, value.placements)
+        local = value.to_local()
+        if tuple(local.shape) != tuple(shape):
+            raise IncompatibleCheckpointError(
+                f"unsupported DTensor layout {value.placements} (local {tuple(local.shape)} vs {tuple(shape)})"
+            )
+        return [(tuple(slice(o, o + s) for o, s in zip(offset, shape)), local)]
+    if _is_sharded_tensor(value):
+        out = []
+        for shard in value.local_shards():
+            md = shard.metadata
+            out.append((tuple(slice(o, o + s) for o, s in zip(md.shard_offsets, md.shard_sizes)), shard.tensor))
+        return out
+    return [(tuple(slice(0, s) for s in value.shape), value)]
+
+
+def _scatter_from_main(template: torch.Tensor, full: Optional[torch.Tensor], dist: "DistContext") -> None:
+    """Collective: copy this rank's part of rank 0's ``full`` tensor into ``template`` in place.
+
+    One tensor is broadcast at a time, so no rank holds more than one full tensor beyond its
+    shards (rank 0 also holds the file it read).
+    """
+    shape, dtype, device = _global_shape(template), _dtype_of(template), _local_device(template)
+    if dist.enabled and dist.world_size > 1:
+        import torch.distributed as tdist
+
+        if dist.is_main:
+            buf = full.to(device=device, dtype=dtype).contiguous()  # type: ignore[union-attr]
+        else:
+            buf = torch.empty(shape, dtype=dtype, device=device)
+        tdist.broadcast(buf, src=_group_rank0(dist), group=dist.group)
+    else:
+        buf = full.to(device=device, dtype=dtype)  # type: ignore[union-attr]
+    with torch.no_grad():
+        for slices, local in _local_slices(template):
+            local.copy_(buf[slices] if buf.dim() else buf)
+
+
+# --------------------------------------------------------------------------- optimizer formats
+def _in_model_order(fqns: list, model_keys: list) -> list:
+    """``fqns`` sorted as the parameters appear in the model (``model.parameters()`` order).
+
+    FSDP1 (``use_orig_params=False``) lists an optimizer's parameters per flat parameter (root
+    unit first); a plain ``AdamW(model.parameters())`` numbers them in module order. Names the
+    model does not have keep their relative order, after the others.
+    """
+    pos = {k: i for i, k in enumerate(model_keys)}
+    return sorted(fqns, key=lambda f: (0, pos[f]) if f in pos else (1, 0))
+
+
+def _osd_fqn_to_index(osd: dict, model_keys: list) -> dict:
+    """DSD's FQN-keyed optimizer state -> torch.optim's index-keyed ``state_dict`` format, numbering
+    parameters group by group in model order (what ``AdamW(model.parameters())`` produces)."""
+    index: dict[str, int] = {}
+    groups = []
+    for group in osd.get("param_groups", []):
+        new = {k: v for k, v in group.items() if k != "params"}
+        ids = []
+        for fqn in _in_model_order(list(group["params"]), model_keys):
+            index.setdefault(fqn, len(index))
+            ids.append(index[fqn])
+        new["params"] = ids
+        groups.append(new)
+    state = {index[fqn]: value for fqn, value in osd.get("state", {}).items() if fqn in index}
+    return {"state": state, "param_groups": groups}
+
+
+def _osd_index_to_fqn(saved: dict, template: dict, path: str, model_keys: list) -> dict:
+    """torch.optim's index-keyed state -> FQN-keyed, naming parameters as ``template`` does
+    (group by group, in model order: the inverse of :func:`_osd_fqn_to_index`).
+
+    Raises:
+        IncompatibleCheckpointError: the parameter groups differ in number or size.
+    """
+    t_groups = template.get("param_groups", [])
+    s_groups = saved.get("param_groups", []) if isinstance(saved, dict) else []
+    if not isinstance(saved, dict) or "state" not in saved or len(s_groups) != len(t_groups):
+        raise IncompatibleCheckpointError(
+            f"{path}: holds {len(s_groups)} optimizer param group(s) but the optimizer has {len(t_groups)}. "
+            f"Configure the optimizer as in the run that saved it."
+        )
+    mapping: dict[Any, str] = {}
+    groups = []
+    for i, (sg, tg) in enumerate(zip(s_groups, t_groups)):
+        if len(sg["params"]) != len(tg["params"]):
+            raise IncompatibleCheckpointError(
+                f"{path}: param group {i} holds {len(sg['params'])} parameters, the optimizer's has "
+                f"{len(tg['params'])}. Configure the optimizer as in the run that saved it."
+            )
+        for idx, fqn in zip(sg["params"], _in_model_order(list(tg["params"]), model_keys)):
+            mapping[idx] = fqn
+        new = dict(sg)
+        new["params"] = list(tg["params"])
+        groups.append(new)
+    state = {}
+    for idx, value in saved["state"].items():
+        if idx not in mapping:
+            raise IncompatibleCheckpointError(f"{path}: optimizer state for unknown parameter index {idx}.")
+        state[mapping[idx]] = value
+    return {"state": state, "param_groups": groups}
+
+
+def _own_storage(tensor: torch.Tensor, seen: set) -> torch.Tensor:
+    """``tensor``, or a clone of it when an earlier tensor in ``seen`` shares its storage."""
+    try:
+        key = tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # pragma: no cover - exotic tensor subclasses
+        return tensor
+    if key in seen:
+        return tensor.clone()
+    seen.add(key)
+    return tensor
+
+
+class _StaticState:
+    """Something with a ``state_dict()`` (to reuse :func:`pack_states`)."""
+
+    def __init__(self, state: Any) -> None:
+        self._state = state
+
+    def state_dict(self) -> Any:
+        return self._state
+
+
+# --------------------------------------------------------------------------- the writer
+class FSDPWriter(RoleWriter):
+    """Writer for FSDP2 and FSDP1 models.
+
+    Args:
+        state_dict_type: ``"sharded"`` (default): every rank writes its shards through
+            ``torch.distributed.checkpoint``; loads at any world size. ``"full"``: rank 0 writes
+            SkyRL's single ``model_state.pt`` / ``optimizer_state.pt`` (gathered tensor by tensor).
+        dcp_thread_count: writer threads per rank for the sharded layout (one file per thread).
+
+    After loading a SkyRL native checkpoint, :attr:`native_extra_state` holds this rank's
+    ``extra_state_world_size_W_rank_R.pt`` (its ``"rng"`` entry is SkyRL's per-rank RNG state).
+    """
+
+    kind = "fsdp"
+
+    def __init__(self, state_dict_type: str = "sharded", *, dcp_thread_count: int = 1) -> None:
+        if state_dict_type not in STATE_DICT_TYPES:
+            raise ConfigError(
+                f"state_dict_type={state_dict_type!r}: expected one of {STATE_DICT_TYPES}. "
+                f"'sharded' writes per-rank shards (reshardable), 'full' writes single files from rank 0."
+            )
+        if int(dcp_thread_count) < 1:
+            raise ConfigError(f"dcp_thread_count={dcp_thread_count!r}: expected an integer >= 1.")
+        self.state_dict_type = state_dict_type
+        self.dcp_thread_count = int(dcp_thread_count)
+        self.native_extra_state: Optional[dict] = None
+
+    def __repr__(self) -> str:
+        return f"FSDPWriter(state_dict_type={self.state_dict_type!r})"
+
+    # ------------------------------------------------------------------ save
+    def save(self, storage: "Storage", role_dir: str, role: "Role", dist: "DistContext") -> list[str]:
+        strategy = fsdp_strategy_of(role.model) or "fsdp2"
+        config = {
+            "fsdp_strategy": strategy,
+            "world_size": dist.world_size,
+            "state_dict_type": self.state_dict_type,
+            "format_version": FORMAT_VERSION,
+            "skyrl_callbacks_format": True,
+            "num_optimizers": len(role.optimizers),
+            "num_schedulers": len(role.schedulers),
+            "torch_version": torch.__version__.split("+")[0],
+        }
+        if self.state_dict_type == "sharded":
+            written = self._save_sharded(storage, role_dir, role, dist)
+        else:
+            written = self._save_full(storage, role_dir, role, dist, strategy)
+
+        def _rank0_files() -> list[str]:
+            if not dist.is_main:
+                return []
+            out = []
+            if role.schedulers:
+                torch_save(storage, storage.join(role_dir, SCHEDULER_FILE), pack_states(role.schedulers))
+                out.append(SCHEDULER_FILE)
+            _write_json(storage, storage.join(role_dir, FSDP_CONFIG_FILE), config)
+            out.append(FSDP_CONFIG_FILE)
+            return out
+
+        written += _collective(dist, "fsdp save (rank-0 files)", _rank0_files)
+        return written
+
+    def _save_sharded(self, storage: "Storage", role_dir: str, role: "Role", dist: "DistContext") -> list[str]:
+        written: list[str] = []
+        model_sd = _model_sd(role)
+        path = storage.join(role_dir, MODEL_DCP_DIR)
+        _dcp_save(model_sd, storage, path, dist, self.dcp_thread_count)
+        written += _own_dcp_files(storage, path, MODEL_DCP_DIR, dist.rank, dist.is_main)
+        del model_sd
+        if role.optimizers:
+            osd = {f"optimizer_{i}": _optim_sd(role, opt) for i, opt in enumerate(role.optimizers)}
+            path = storage.join(role_dir, OPTIMIZER_DCP_DIR)
+            _dcp_save(osd, storage, path, dist, self.dcp_thread_count)
+            written += _own_dcp_files(storage, path, OPTIMIZER_DCP_DIR, dist.rank, dist.is_main)
+        return written
+
+    def _save_full(self, storage: "Storage", role_dir: str, role: "Role", dist: "DistContext", strategy: str) -> list[str]:
+        if strategy == "fsdp2":
+            # torch.distributed.checkpoint.state_dict gathers DTensors one by one onto rank 0
+            # (full_tensor + copy to CPU); never FSDP1's offload_to_cpu state_dict_config.
+            opts = dict(full_state_dict=True, cpu_offload=True)
+            model_sd = _model_sd(role, **opts)
+            optim_sds = [_optim_sd(role, opt, **opts) for opt in role.optimizers]
+        else:
+            # FSDP1: DSD's full_state_dict=True goes through FSDP1's FULL_STATE_DICT with
+            # offload_to_cpu=True, which segfaults or aliases Adam's exp_avg/exp_avg_sq on CPU.
+            # Take the sharded (ShardedTensor/DTensor) state dicts and gather tensor by tensor.
+            model_sd = _map_tensors(_model_sd(role), lambda t: _gather_full(t, dist))
+            optim_sds = [_map_tensors(_optim_sd(role, opt), lambda t: _gather_full(t, dist)) for opt in role.optimizers]
+
+        def _write() -> list[str]:
+            if not dist.is_main:
+                return []
+            # FSDP1 hands out one "step" tensor shared by all parameters of a flat parameter, and
+            # plain tensors come back as the live objects: give every saved tensor its own storage so
+            # torch.load -> optimizer.load_state_dict never ties two states together.
+            seen: set = set()
+            dealias = lambda t: _own_storage(t, seen)  # noqa: E731
+            torch_save(storage, storage.join(role_dir, MODEL_FILE), _map_tensors(model_sd, dealias))
+            out = [MODEL_FILE]
+            if role.optimizers:
+                states = [_StaticState(_map_tensors(_osd_fqn_to_index(o, list(model_sd)), dealias)) for o in optim_sds]
+                torch_save(storage, storage.join(role_dir, OPTIMIZER_FILE), pack_states(states))
+                out.append(OPTIMIZER_FILE)
+            return out
+
+        return _collective(dist, "fsdp save (full state dict)", _write)
+
+    # ------------------------------------------------------------------ load
+    def load(self, storage: "Storage", role_dir: str, role: "Role", dist: "DistContext") -> None:
+        config = _collective(dist, "fsdp load (read fsdp_config.json)", lambda: read_fsdp_config(storage, role_dir))
+        if config is not None and config.get("skyrl_callbacks_format"):
+            self._check_config(config, role_dir)
+            if config.get("state_dict_type", "sharded") == "sharded":
+                self._load_sharded(storage, role_dir, role, dist, config)
+            else:
+                self._load_full(storage, role_dir, role, dist)
+            return
+        native = _collective(dist, "fsdp load (list files)", lambda: native_layout_info(storage, role_dir))
+        if native is not None:
+            self._load_native(storage, role_dir, role, dist, native)
+            return
+        if storage.exists(storage.join(role_dir, MODEL_FILE)):
+            # SkyRL's documented single-file layout (or a plain writer's checkpoint).
+            self._load_full(storage, role_dir, role, dist)
+            return
+        raise CorruptCheckpointError(
+            f"{role_dir}: no FSDP checkpoint found (neither {FSDP_CONFIG_FILE} of skyrl-callbacks, "
+            f"nor SkyRL's model_world_size_W_rank_R.pt files, nor {MODEL_FILE})."
+        )
+
+    @staticmethod
+    def _check_config(config: dict, role_dir: str) -> None:
+        version = config.get("format_version")
+        if not isinstance(version, int) or version < 1:
+            raise CorruptCheckpointError(f"{role_dir}/{FSDP_CONFIG_FILE}: invalid format_version {version!r}.")
+        if version > FORMAT_VERSION:
+            raise IncompatibleCheckpointError(
+                f"{role_dir}/{FSDP_CONFIG_FILE}: format_version {version} was written by a newer "
+                f"skyrl-callbacks (this one reads up to {FORMAT_VERSION}). Upgrade skyrl-callbacks."
+            )
+        sdt = config.get("state_dict_type", "sharded")
+        if sdt not in STATE_DICT_TYPES:
+            raise IncompatibleCheckpointError(
+                f"{role_dir}/{FSDP_CONFIG_FILE}: unknown state_dict_type {sdt!r} (known: {STATE_DICT_TYPES})."
+            )
+
+    def _load_sharded(self, storage: "Storage", role_dir: str, role: "Role", dist: "DistContext", config: dict) -> None:
+        model_path = storage.join(role_dir, MODEL_DCP_DIR)
+        model_sd = _model_sd(role)
+        _collective(
+            dist,
+            "fsdp load (check model)",
+            lambda: _check_against_metadata(
+                model_sd, _dcp_metadata(storage, model_path), model_path, f"{role.name} model",
+                strict=not role.exclude_prefixes,
+            ),
+        )
+        _dcp_load(model_sd, storage, model_path, dist)
+        _set_model_sd(role, model_sd)
+        del model_sd
+
+        if role.optimizers:
+            saved_count = config.get("num_optimizers")
+            optim_path = storage.join(role_dir, OPTIMIZER_DCP_DIR)
+            if saved_count != len(role.optimizers) or not storage.exists(storage.join(optim_path, _DCP_METADATA)):
+                raise IncompatibleCheckpointError(
+                    f"{optim_path}: holds {saved_count or 0} optimizer state(s) but the {role.name} role has "
+                    f"{len(role.optimizers)} optimizer(s). Configure the same optimizers as the run that "
+                    f"saved it, or load weights only."
+                )
+            osd = {f"optimizer_{i}": _optim_sd(role, opt) for i, opt in enumerate(role.optimizers)}
+            _collective(
+                dist,
+                "fsdp load (check optimizer)",
+                lambda: _check_against_metadata(
+                    osd, _dcp_metadata(storage, optim_path), optim_path, f"{role.name} optimizer", strict=False
+                ),
+            )
+            _dcp_load(osd, storage, optim_path, dist)
+            for i, opt in enumerate(role.optimizers):
+                _set_optim_sd(role, opt, osd[f"optimizer_{i}"])
+        self._load_schedulers(storage, role_dir, role, dist)
+
+    def _load_full(self, storage: "Storage", role_dir: str, role: "Role", dist: "DistContext") -> None:
+        model_path = storage.join(role_dir, MODEL_FILE)
+        template = _model_sd(role)
+
+        def _read_model() -> Optional[dict]:
+            if not dist.is_main:
+                return None
+            full = torch_load(storage, model_path, weights_only=True)
+            _check_full(full, template, model_path, f"{role.name} model", strict=not role.exclude_prefixes)
+            return full
+
+        full = _collective(dist, "fsdp load (read model_state.pt)", _read_model)
+        model_keys = list(template)
+        for key, value in _walk_tensors(template):
+            _scatter_from_main(value, None if full is None else _get_path(full, key), dist)
+        del full
+        _set_model_sd(role, template)
+        del template
+
+        if role.optimizers:
+            optim_path = storage.join(role_dir, OPTIMIZER_FILE)
+            templates = [_optim_sd(role, opt) for opt in role.optimizers]
+
+            def _read_optim() -> Optional[list]:
+                if not dist.is_main:
+                    return None
+                if not storage.exists(optim_path):
+                    raise IncompatibleCheckpointError(
+                        f"{optim_path}: missing, but the {role.name} role has {len(role.optimizers)} optimizer(s). "
+                        f"The checkpoint was saved without optimizer state; resume with the same optimizer setup."
+                    )
+                states = unpack_states(torch_load(storage, optim_path), len(role.optimizers), "optimizer", optim_path)
+                out = []
+                for saved, tmpl in zip(states, templates):
+                    fqn = _osd_index_to_fqn(saved, tmpl, optim_path, model_keys)
+                    _check_full(fqn["state"], tmpl["state"], optim_path, f"{role.name} optimizer", strict=True)
+                    out.append(fqn)
+                return out
+
+            fulls = _collective(dist, "fsdp load (read optimizer_state.pt)", _read_optim)
+            groups = dist.broadcast(None if fulls is None else [f["param_groups"] for f in fulls])
+            for i, (opt, tmpl) in enumerate(zip(role.optimizers, templates)):
+                for key, value in _walk_tensors(tmpl["state"]):
+                    _scatter_from_main(value, None if fulls is None else _get_path(fulls[i]["state"], key), dist)
+                _set_optim_sd(role, opt, {"state": tmpl["state"], "param_groups": groups[i]})
+        self._load_schedulers(storage, role_dir, role, dist)
+
+    @staticmethod
+    def _load_schedulers(storage: "Storage", role_dir: str, role: "Role", dist: "DistContext") -> None:
+        if not role.schedulers:
+            return
+        path = storage.join(role_dir, SCHEDULER_FILE)
+
+        def _load() -> None:
+            if not storage.exists(path):
+                raise IncompatibleCheckpointError(
+                    f"{path}: missing, but the {role.name} role has {len(role.schedulers)} lr_scheduler(s). "
+                    f"Resume with the same lr_scheduler setup as the saving run."
+                )
+            states = unpack_states(torch_load(storage, path), len(role.schedulers), "lr_scheduler", path)
+            for sched, state in zip(role.schedulers, states):
+                try:
+                    sched.load_state_dict(state)
+                except (ValueError, KeyError, RuntimeError, TypeError) as exc:
+                    raise IncompatibleCheckpointError(f"{path}: lr_scheduler state does not match: {exc}") from exc
+
+        _collective(dist, "fsdp load (lr_scheduler)", _load)
+
+    # ------------------------------------------------------------------ SkyRL native
+    def _load_native(self, storage: "Storage", role_dir: str, role: "Role", dist: "DistContext", info: dict) -> None:
+        world = info["world_size"]
+        saved_strategy = info.get("fsdp_strategy")
+        strategy = fsdp_strategy_of(role.model)
+        if strategy is None:
+            raise IncompatibleCheckpointError(
+                f"{role_dir}: is a SkyRL native FSDP checkpoint (per-rank shards); the {role.name} model is "
+                f"not an FSDP model. Convert it with `{CONVERT_HINT}` first; the converted layout also "
+                f"loads into unsharded models."
+            )
+        if world != dist.world_size:
+            raise IncompatibleCheckpointError(
+                f"{role_dir}: is a SkyRL native FSDP checkpoint written by {world} rank(s) "
+                f"(model_world_size_{world}_rank_R.pt), but this run has {dist.world_size}. Its per-rank "
+                f"shards only load at world size {world}. Convert it once to the reshardable layout with "
+                f"`{CONVERT_HINT}` (CKPT_DIR is the global_step_N directory) and resume from OUT, "
+                f"or resume at world size {world}."
+            )
+        if saved_strategy is not None and saved_strategy != strategy:
+            raise IncompatibleCheckpointError(
+                f"{role_dir}: SkyRL native checkpoint of strategy {saved_strategy!r} cannot be loaded into a "
+                f"{strategy!r} model (per-rank files are strategy specific). Use strategy {saved_strategy!r} or "
+                f"convert it with `{CONVERT_HINT}`."
+            )
+        has_optim = dist.rank in info["ranks"].get("optim", [])
+        if role.optimizers and len(role.optimizers) != 1:
+            raise IncompatibleCheckpointError(
+                f"{role_dir}: SkyRL native checkpoints hold one optimizer per model, the {role.name} role has "
+                f"{len(role.optimizers)}."
+            )
+
+        def _read() -> tuple:
+            model_sd = torch_load(storage, storage.join(role_dir, _native_name("model", world, dist.rank)))
+            osd = None
+            if role.optimizers:
+                if not has_optim:
+                    raise IncompatibleCheckpointError(
+                        f"{role_dir}: {_native_name('optim', world, dist.rank)} is missing but the {role.name} "
+                        f"role has an optimizer."
+                    )
+                osd = torch_load(storage, storage.join(role_dir, _native_name("optim", world, dist.rank)))
+            extra_path = storage.join(role_dir, _native_name("extra_state", world, dist.rank))
+            extra = torch_load(storage, extra_path) if storage.exists(extra_path) else {}
+            return model_sd, osd, extra
+
+        with _quiet():
+            model_sd, osd, extra = _collective(dist, "fsdp load (read SkyRL native files)", _read)
+
+        def _apply() -> None:
+            if role.exclude_prefixes:
+                raise IncompatibleCheckpointError(
+                    f"{role_dir}: SkyRL native checkpoints hold a whole model; roles with excluded prefixes "
+                    f"{role.exclude_prefixes} are not supported for them."
+                )
+            with _quiet(), _native_state_ctx(role.model, strategy):
+                try:
+                    role.model.load_state_dict(model_sd, strict=True)
+                except RuntimeError as exc:
+                    raise IncompatibleCheckpointError(
+                        f"{role_dir}: SkyRL native model shards do not match the {role.name} model: {exc}"
+                    ) from exc
+                if osd is not None and osd:
+                    try:
+                        role.optimizers[0].load_state_dict(osd)
+                    except (ValueError, KeyError, RuntimeError) as exc:
+                        raise IncompatibleCheckpointError(
+                            f"{role_dir}: SkyRL native optimizer state does not match: {exc}"
+                        ) from exc
+            if role.schedulers:
+                sched_state = extra.get("lr_scheduler") if isinstance(extra, dict) else None
+                if not sched_state:
+                    raise IncompatibleCheckpointError(
+                        f"{role_dir}: {_native_name('extra_state', world, dist.rank)} holds no lr_scheduler state "
+                        f"but the {role.name} role has {len(role.schedulers)} lr_scheduler(s)."
+                    )
+                if len(role.schedulers) != 1:
+                    raise IncompatibleCheckpointError(
+                        f"{role_dir}: SkyRL native checkpoints hold one lr_scheduler, the role has {len(role.schedulers)}."
+                    )
+                role.schedulers[0].load_state_dict(sched_state)
+
+        _collective(dist, "fsdp load (SkyRL native)", _apply)
+        self.native_extra_state = extra if isinstance(extra, dict) else None
+
+    # ------------------------------------------------------------------ HF export
+    def full_state_dict(self, role: "Role", dist: "DistContext") -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(name, full CPU tensor)`` one parameter at a time (collective on every rank).
+
+        Each step gathers a single tensor (``DTensor.full_tensor()`` for FSDP2, a ShardedTensor
+        ``gather`` to rank 0 for FSDP1), so rank 0 holds at most one full tensor beyond its own
+        shards. Rank 0 gets full tensors; other ranks get the full tensor (FSDP2) or their local
+        shard (FSDP1) and must keep iterating.
+        """
+        if not is_fsdp_model(role.model):
+            yield from super().full_state_dict(role, dist)
+            return
+        sd = _model_sd(role)
+        for name in list(sd.keys()):
+            value = sd.pop(name)
+            full = _gather_full(value, dist)
+            if full is None:  # FSDP1 on ranks other than 0: hand out the local shard
+                pieces = _local_slices(value)
+                full = pieces[0][1].detach().cpu() if pieces else torch.empty(0, dtype=_dtype_of(value))
+            yield name, full
+            del full, value
+
+    # ------------------------------------------------------------------ validation
+    def validate_dir(self, storage: "Storage", role_dir: str) -> Optional[str]:
+        try:
+            config = read_fsdp_config(storage, role_dir)
+            if config is not None and config.get("skyrl_callbacks_format"):
+                self._check_config(config, role_dir)
+                if config.get("state_dict_type", "sharded") == "sharded":
+                    path = storage.join(role_dir, MODEL_DCP_DIR, _DCP_METADATA)
+                    if not storage.exists(path):
+                        return f"{path} is missing"
+                    if config.get("num_optimizers") and not storage.exists(
+                        storage.join(role_dir, OPTIMIZER_DCP_DIR, _DCP_METADATA)
+                    ):
+                        return f"{storage.join(role_dir, OPTIMIZER_DCP_DIR, _DCP_METADATA)} is missing"
+                elif not storage.exists(storage.join(role_dir, MODEL_FILE)):
+                    return f"{storage.join(role_dir, MODEL_FILE)} is missing"
+                return None
+            if native_layout_info(storage, role_dir) is not None:
+                return None
+            if storage.exists(storage.join(role_dir, MODEL_FILE)):
+                return None
+            return f"{role_dir}: no FSDP checkpoint files"
+        except CheckpointError as exc:
+            return str(exc)
+
+
+def _check_full(full: Any, template: dict, path: str, what: str, strict: bool) -> None:
+    """Rank 0: the full state ``full`` has every tensor of ``template`` with the same shape."""
+    if not isinstance(full, dict):
+        raise CorruptCheckpointError(f"{path}: expected a state dict, got {type(full).__name__}.")
+    t_paths = {p: v for p, v in _walk_tensors(template)}
+    f_paths = {p: v for p, v in _walk_tensors(full)}
+    missing = [".".join(map(str, p)) for p in t_paths if p not in f_paths]
+    unexpected = [".".join(map(str, p)) for p in f_paths if p not in t_paths] if strict else []
+    shapes = [
+        f"{'.'.join(map(str, p))}: saved {tuple(f_paths[p].shape)}, model {_global_shape(v)}"
+        for p, v in t_paths.items()
+        if p in f_paths and tuple(f_paths[p].shape) != _global_shape(v)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[:5]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:5]})")
+        if shapes:
+            parts.append(f"{len(shapes)} with another shape (e.g. {shapes[:3]})")
+        raise IncompatibleCheckpointError(
+            f"{path}: does not match the {what}: {'; '.join(parts)}. Build the same architecture "
+            f"(and optimizer setup) as the run that saved it."
+        )
+
+
+@contextlib.contextmanager
+def _native_state_ctx(model: torch.nn.Module, strategy: Optional[str]) -> Iterator[None]:
+    """FSDP1: SHARDED_STATE_DICT, as SkyRL uses when saving; FSDP2: nothing."""
+    if strategy != "fsdp":
+        yield
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import ShardedOptimStateDictConfig, ShardedStateDictConfig, StateDictType
+
+    with FSDP.state_dict_type(model, StateDictType.SHARDED_STATE_DICT, ShardedStateDictConfig(), ShardedOptimStateDictConfig()):
+        yield
+
+
+# --------------------------------------------------------------------------- shared storage
+def check_shared_storage(storage: "Storage", staging_dir: str, dist: "DistContext") -> None:
+    """Collective: make sure every rank sees the same ``staging_dir``.
+
+    Rank 0 writes a marker file with a random token, then every rank reads it back. When a rank
+    cannot (node-local disks on a multi-node job), every rank raises :class:`StorageError`; the
+    sharded layout needs all ranks to write into one directory. The marker is removed afterwards.
+    """
+    if not dist.enabled or dist.world_size == 1:
+        return
+    token = uuid.uuid4().hex if dist.is_main else None
+    token = dist.broadcast(token)
+    marker = storage.join(staging_dir, f"{SHARED_MARKER_PREFIX}{token}")
+
+    def _write() -> None:
+        if dist.is_main:
+            storage.write_bytes(marker, token.encode("ascii"))
+
+    _collective(dist, "shared storage check (write marker)", _write)
+    seen: Any
+    try:
+        seen = storage.exists(marker) and storage.read_bytes(marker).decode("ascii", "replace") == token
+    except Exception as exc:  # noqa: BLE001
+        seen = f"{type(exc).__name__}: {exc}"
+    results = dist.all_gather(seen)
+    if dist.is_main:
+        try:
+            storage.rm(marker, recursive=False)
+        except Exception:  # noqa: BLE001 - best effort, the staging dir is removed on failure anyway
+            logger.debug("could not remove %s", marker, exc_info=True)
+    blind = [r for r, ok in enumerate(results) if ok is not True]
+    if blind:
+        raise StorageError(
+            f"checkpoint path is not shared between nodes: rank(s) {blind} of {dist.world_size} cannot see "
+            f"the file rank 0 wrote under {staging_dir} (node-local disk?). Every rank writes its own shards "
+            f"into the same checkpoint directory, so ckpt_path must be on a shared file system (NFS, Lustre, "
+            f"...) or an object store (s3://, gs://)."
+        )
+    dist.barrier()
+
+
+# --------------------------------------------------------------------------- native -> ours
+def _mesh_slices(global_shape: tuple, mesh: torch.Tensor, placements: Any, rank: int, where: str) -> Optional[tuple]:
+    """Global slices held by ``rank`` of a DTensor described by ``mesh``/``placements``, without a
+    process group (DTensor ``Shard`` chunking: ceil-sized chunks, the last ones smaller/empty)."""
+    coords = (mesh == rank).nonzero()
+    if len(coords) == 0:
+        return None
+    coord = coords[0].tolist()
+    local = list(global_shape)
+    offset = [0] * len(global_shape)
+    for mesh_dim, placement in enumerate(placements):
+        name = type(placement).__name__
+        if name == "Replicate":
+            continue
+        if name != "Shard":
+            raise IncompatibleCheckpointError(
+                f"{where}: DTensor placement {placement} cannot be assembled offline (only Shard/Replicate). "
+                f"Convert with a process group: convert_skyrl_native(..., role=..., dist=...)."
+            )
+        dim = placement.dim
+        n = int(mesh.shape[mesh_dim])
+        chunk = math.ceil(local[dim] / n) if local[dim] else 0
+        start = min(coord[mesh_dim] * chunk, local[dim])
+        size = max(0, min(local[dim], start + chunk) - start)
+        offset[dim] += start
+        local[dim] = size
+    return tuple(slice(o, o + s) for o, s in zip(offset, local))
+
+
+def _assemble(values: list, where: str) -> Any:
+    """One full tensor from the per-rank values of one entry (DTensor shards, or plain tensors)."""
+    first = values[0]
+    if _is_dtensor(first):
+        shape = tuple(first.shape)
+        full = torch.empty(shape, dtype=first.dtype)
+        covered = 0
+        for rank, value in enumerate(values):
+            slices = _mesh_slices(shape, value.device_mesh.mesh, value.placements, rank, where)
+            if slices is None:
+                continue
+            local = value.to_local().detach().cpu()
+            expected = tuple(s.stop - s.start for s in slices)
+            if tuple(local.shape) != expected:
+                raise IncompatibleCheckpointError(
+                    f"{where}: rank {rank}'s shard has shape {tuple(local.shape)}, expected {expected} "
+                    f"for {value.placements} of {shape}."
+                )
+            full[slices] = local
+            covered += local.numel()
+        if covered < full.numel():
+            raise CorruptCheckpointError(f"{where}: the per-rank shards do not cover the tensor {shape}.")
+        return full
+    if _is_sharded_tensor(first):
+        md = first.metadata()
+        full = torch.empty(tuple(md.size), dtype=md.tensor_properties.dtype)
+        for value in values:
+            for shard in value.local_shards():
+                m = shard.metadata
+                full[tuple(slice(o, o + s) for o, s in zip(m.shard_offsets, m.shard_sizes))] = shard.tensor.cpu()
+        return full
+    if isinstance(first, torch.Tensor):
+        return first.detach().cpu().clone()
+    return first
+
+
+def _load_native_file(storage: "Storage", path: str) -> Any:
+    with _quiet():
+        try:
+            return torch_load(storage, path)
+        except CorruptCheckpointError as exc:
+            if "process group" in str(exc).lower() or "init_process_group" in str(exc):
+                raise IncompatibleCheckpointError(
+                    f"{path}: holds ShardedTensors, which cannot be read without a process group. Convert it "
+                    f"inside a job of the original world size: convert_skyrl_native(..., role=role, dist=dist)."
+                ) from exc
+            raise
+
+
+def convert_skyrl_native(
+    src_role_dir: str,
+    dst_role_dir: str,
+    *,
+    storage: Optional["Storage"] = None,
+    dst_storage: Optional["Storage"] = None,
+    include_optimizer: bool = True,
+    role: Optional["Role"] = None,
+    dist: Optional["DistContext"] = None,
+) -> dict:
+    """Turn SkyRL's native per-rank role directory into the reshardable sharded layout.
+
+    Offline (default; one process, no process group): the per-rank pickles carry each DTensor's
+    device mesh and placements, so full tensors are assembled shard by shard and written as a
+    DCP checkpoint of world size 1, which loads at any world size. Optimizer states are mapped
+    from SkyRL's index keys to parameter names (DTensor entries of the model file, in order,
+    or ``param_names`` when the optimizer recorded them).
+
+    FSDP1's native optimizer state is FSDP1's flattened per-rank ``FlatParameter`` state, whose
+    layout is not in the files: offline conversion of it is refused (``include_optimizer=False``
+    converts weights and scheduler only). Online (``role`` and ``dist`` given, inside a job at the
+    checkpoint's world size with the model built): load natively, then save sharded; this works
+    for every strategy.
+
+    Args:
+        src_role_dir: a ``global_step_N/policy`` directory written by SkyRL.
+        dst_role_dir: where to write (``model_state.dcp/``, ``optimizer_state.dcp/``,
+            ``lr_scheduler_state.pt``, ``fsdp_config.json``).
+        storage / dst_storage: where they live (default: local paths).
+        include_optimizer: also convert the optimizer state.
+        role, dist: convert online through the live model (see above).
+
+    Returns:
+        A summary: ``{"world_size", "fsdp_strategy", "tensors", "optimizer", "files"}``.
+
+    Raises:
+        IncompatibleCheckpointError: not a native checkpoint, or it cannot be converted offline.
+    """
+    from skyrl_callbacks.storage import Storage
+
+    storage = storage or Storage(os.path.dirname(os.path.abspath(src_role_dir)) if "://" not in src_role_dir else src_role_dir)
+    dst_storage = dst_storage or Storage(
+        os.path.dirname(os.path.abspath(dst_role_dir)) if "://" not in dst_role_dir else dst_role_dir
+    )
+    info = native_layout_info(storage, src_role_dir)
+    if info is None:
+        raise IncompatibleCheckpointError(
+            f"{src_role_dir}: no SkyRL native files (model_world_size_W_rank_R.pt) to convert."
+        )
+    world, strategy = info["world_size"], info.get("fsdp_strategy")
+
+    if role is not None:
+        from skyrl_callbacks.dist import DistContext
+
+        dist = dist or DistContext()
+        if not include_optimizer:
+            role = _role_without_optimizers(role)
+        reader = FSDPWriter()
+        reader.load(storage, src_role_dir, role, dist)
+        files = FSDPWriter("sharded").save(dst_storage, dst_role_dir, role, dist)
+        return {"world_size": world, "fsdp_strategy": strategy, "optimizer": bool(role.optimizers), "files": files}
+
+    model_files = [_load_native_file(storage, storage.join(src_role_dir, _native_name("model", world, r))) for r in range(world)]
+    keys = list(model_files[0].keys())
+    for r, sd in enumerate(model_files):
+        if list(sd.keys()) != keys:
+            raise CorruptCheckpointError(f"{src_role_dir}: rank {r}'s model file has other keys than rank 0's.")
+    if strategy is None:
+        strategy = "fsdp2" if any(_is_dtensor(v) for v in model_files[0].values()) else "fsdp"
+    # parameter names in optimizer order: the sharded (DTensor/ShardedTensor) entries, tied ones once
+    seen: set[int] = set()
+    param_fqns = []
+    for k in keys:
+        v = model_files[0][k]
+        if (_is_dtensor(v) or _is_sharded_tensor(v)) and id(v) not in seen:
+            seen.add(id(v))
+            param_fqns.append(k)
+    model_full = {k: _assemble([sd[k] for sd in model_files], f"{src_role_dir}: {k}") for k in keys}
+    del model_files
+
+    optim_full = None
+    if include_optimizer and info["ranks"].get("optim"):
+        if strategy == "fsdp":
+            raise IncompatibleCheckpointError(
+                f"{src_role_dir}: FSDP1 native optimizer state is flattened per FSDP unit and cannot be "
+                f"converted offline. Convert online inside a job of world size {world} "
+                f"(convert_skyrl_native(..., role=role, dist=dist)), or pass include_optimizer=False "
+                f"to convert weights and lr_scheduler only."
+            )
+        optim_files = [
+            _load_native_file(storage, storage.join(src_role_dir, _native_name("optim", world, r))) for r in range(world)
+        ]
+        optim_full = _convert_native_optim(optim_files, param_fqns, src_role_dir, model_full)
+        del optim_files
+
+    extra_path = storage.join(src_role_dir, _native_name("extra_state", world, 0))
+    sched_state = None
+    if storage.exists(extra_path):
+        extra = _load_native_file(storage, extra_path)
+        sched_state = extra.get("lr_scheduler") if isinstance(extra, dict) else None
+
+    files = []
+    path = dst_storage.join(dst_role_dir, MODEL_DCP_DIR)
+    _dcp_save(model_full, dst_storage, path, None)
+    files += _own_dcp_files(dst_storage, path, MODEL_DCP_DIR, 0, True)
+    if optim_full is not None:
+        path = dst_storage.join(dst_role_dir, OPTIMIZER_DCP_DIR)
+        _dcp_save({"optimizer_0": optim_full}, dst_storage, path, None)
+        files += _own_dcp_files(dst_storage, path, OPTIMIZER_DCP_DIR, 0, True)
+    if sched_state:
+        torch_save(dst_storage, dst_storage.join(dst_role_dir, SCHEDULER_FILE), sched_state)
+        files.append(SCHEDULER_FILE)
+    config = {
+        "fsdp_strategy": strategy,
+        "world_size": 1,
+        "state_dict_type": "sharded",
+        "format_version": FORMAT_VERSION,
+        "skyrl_callbacks_format": True,
+        "num_optimizers": 1 if optim_full is not None else 0,
+        "num_schedulers": 1 if sched_state else 0,
+        "torch_version": torch.__version__.split("+")[0],
+        "converted_from": {"layout": "skyrl_native", "world_size": world},
+    }
+    _write_json(dst_storage, dst_storage.join(dst_role_dir, FSDP_CONFIG_FILE), config)
+    files.append(FSDP_CONFIG_FILE)
+    return {
+        "world_size": world,
+        "fsdp_strategy": strategy,
+        "tensors": len(model_full),
+        "optimizer": optim_full is not None,
+        "files": files,
+    }
+
+
+def _convert_native_optim(optim_files: list, param_fqns: list, where: str, model_full: dict) -> dict:
+    """SkyRL's per-rank index-keyed optimizer states (DTensor values) -> one FQN-keyed full state."""
+    first = optim_files[0]
+    groups = first.get("param_groups", [])
+    names: dict[int, str] = {}
+    order = [i for g in groups for i in g["params"]]
+    recorded = [n for g in groups for n in (g.get("param_names") or [])]
+    if recorded and len(recorded) == len(order):
+        names = dict(zip(order, recorded))
+    elif len(groups) == 1 and len(order) == len(param_fqns):
+        # SkyRL builds AdamW(model.parameters()): one group, parameters in model order
+        names = dict(zip(order, param_fqns))
+    else:
+        raise IncompatibleCheckpointError(
+            f"{where}: the optimizer holds {len(order)} parameters in {len(groups)} group(s) without "
+            f"param_names, and the model file has {len(param_fqns)} sharded parameters, so they cannot be "
+            f"matched by name offline. Convert online "
+            f"(convert_skyrl_native(..., role=role, dist=dist)) or pass include_optimizer=False."
+        )
+    state = {}
+    for idx, entry in first.get("state", {}).items():
+        per_key = {}
+        for key in entry:
+            value = _assemble([f["state"][idx][key] for f in optim_files], f"{where}: optimizer {names[idx]}.{key}")
+            param = model_full.get(names[idx])
+            if isinstance(value, torch.Tensor) and value.dim() and (
+                param is None or tuple(value.shape) != tuple(param.shape)
+            ):
+                raise IncompatibleCheckpointError(
+                    f"{where}: optimizer state {key} of parameter #{idx} has shape {tuple(value.shape)}, but the "
+                    f"parameter matched to it by position, {names[idx]!r}, has "
+                    f"{None if param is None else tuple(param.shape)}. Convert online "
+                    f"(convert_skyrl_native(..., role=role, dist=dist)) or pass include_optimizer=False."
+                )
+            per_key[key] = value
+        state[names[idx]] = per_key
+    new_groups = []
+    for g in groups:
+        ng = {k: v for k, v in g.items() if k != "params"}
+        ng["params"] = [names[i] for i in g["params"]]
+        new_groups.append(ng)
+    return {"state": state, "param_groups": new_groups}
+
+
+def _role_without_optimizers(role: "Role") -> "Role":
+    import dataclasses
+
+    return dataclasses.replace(role, optimizers=[], schedulers=list(role.schedulers))

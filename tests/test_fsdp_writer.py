@@ -1,0 +1,269 @@
+"""FSDPWriter on real process groups: FSDP2/FSDP1 on CPU with gloo, 1 and 2 ranks.
+
+The multi-process scenarios live in ``tests/fsdp_worker.py``; a module fixture runs its three
+phases (world size 2, then 1, then 2 again; each a fresh ``python tests/fsdp_worker.py`` forking
+its ranks, killed as a process group on timeout) and the offline SkyRL-native conversion in this
+process (no process group) in between. Each test below asserts the checks of one behaviour.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+if not torch.distributed.is_available():  # pragma: no cover
+    pytest.skip("torch.distributed is not available", allow_module_level=True)
+
+from skyrl_callbacks.errors import ConfigError, IncompatibleCheckpointError  # noqa: E402
+from skyrl_callbacks.storage import Storage  # noqa: E402
+from skyrl_callbacks.writers import fsdp as F  # noqa: E402
+from skyrl_callbacks.writers.base import select_writer  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKER = os.path.join(HERE, "fsdp_worker.py")
+PHASE_TIMEOUT = 150
+
+
+def _run_phase(phase: str, work: str, nproc: int) -> dict[str, Any]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env["PYTHONPATH"] = os.path.dirname(HERE) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.Popen(
+        [sys.executable, WORKER, phase, work, "--nproc", str(nproc)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, env=env,
+    )
+    try:
+        out, _ = proc.communicate(timeout=PHASE_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        out = (out or b"") + f"\n[killed after {PHASE_TIMEOUT}s]".encode()
+    # every rank (forked children in the worker's session) must be gone
+    leaked = True
+    try:
+        os.killpg(proc.pid, 0)
+    except ProcessLookupError:
+        leaked = False
+    if leaked:  # pragma: no cover - clean up before failing
+        os.killpg(proc.pid, signal.SIGKILL)
+    results: dict[str, list] = {}
+    for rank in range(nproc):
+        path = os.path.join(work, f"results_{phase}_rank{rank}.json")
+        if not os.path.exists(path):
+            continue
+        with open(path) as fh:
+            for item in json.load(fh):
+                results.setdefault(item["name"], []).append((rank, item["ok"], item["detail"]))
+    return {"rc": proc.returncode, "log": (out or b"").decode("utf-8", "replace")[-6000:], "leaked": leaked,
+            "results": results, "nproc": nproc}
+
+
+def _convert_offline(work: str) -> dict[str, Any]:
+    """SkyRL native -> reshardable layout, in this process, with no process group."""
+    out: dict[str, Any] = {"pg_initialized": torch.distributed.is_initialized()}
+    try:
+        out["fsdp2"] = F.convert_skyrl_native(
+            os.path.join(work, "native_fsdp2_w2", "policy"), os.path.join(work, "converted_fsdp2", "policy"))
+    except Exception as exc:  # noqa: BLE001 - asserted by the tests
+        out["fsdp2"] = exc
+    try:
+        F.convert_skyrl_native(os.path.join(work, "native_fsdp1_w2", "policy"), os.path.join(work, "x", "policy"))
+        out["fsdp1_refused"] = None
+    except Exception as exc:  # noqa: BLE001
+        out["fsdp1_refused"] = exc
+    try:
+        out["fsdp1_weights"] = F.convert_skyrl_native(
+            os.path.join(work, "native_fsdp1_w2", "policy"),
+            os.path.join(work, "converted_fsdp1_weights", "policy"), include_optimizer=False)
+    except Exception as exc:  # noqa: BLE001
+        out["fsdp1_weights"] = exc
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    work = str(tmp_path_factory.mktemp("fsdp_writer"))
+    phases = {"save2": _run_phase("save2", work, 2)}
+    conv = _convert_offline(work)
+    # the manager publishes a staging directory by renaming it: DCP's .metadata must only hold
+    # relative file names
+    os.rename(os.path.join(work, "fsdp2_sharded_w2"), os.path.join(work, "fsdp2_sharded_w2_moved"))
+    phases["load1"] = _run_phase("load1", work, 1)
+    phases["load2"] = _run_phase("load2", work, 2)
+    results: dict[str, list] = {}
+    for info in phases.values():
+        for name, entries in info["results"].items():
+            results.setdefault(name, []).extend(entries)
+    return {"work": work, "phases": phases, "conv": conv, "results": results}
+
+
+def _logs(runs) -> str:
+    return "\n".join(f"--- {p} (rc={i['rc']}) ---\n{i['log'][-2500:]}" for p, i in runs["phases"].items())
+
+
+def check(runs, *names: str) -> None:
+    for name in names:
+        entries = runs["results"].get(name)
+        assert entries, f"check {name!r} did not run.\n{_logs(runs)}"
+        bad = [f"rank {r}: {d}" for r, ok, d in entries if not ok]
+        assert not bad, f"{name} failed:\n" + "\n".join(bad)
+
+
+# --------------------------------------------------------------------------- process hygiene
+def test_phases_exit_cleanly_without_leaks(runs):
+    for phase, info in runs["phases"].items():
+        assert info["rc"] == 0, f"{phase} exited {info['rc']}\n{info['log']}"
+        assert not info["leaked"], f"{phase} left processes behind"
+        failed = [n for n, e in info["results"].items() if any(not ok for _, ok, _ in e)]
+        crashed = [n for n in info["results"] if n.endswith("_phase")]
+        assert not crashed, f"{phase} raised: {[info['results'][n] for n in crashed]}"
+        assert len({r for e in info["results"].values() for r, _, _ in e}) == info["nproc"], failed
+    assert not torch.distributed.is_initialized()
+
+
+# --------------------------------------------------------------------------- detection / config
+def test_detects_fsdp2_nested_in_plain_wrapper_and_fsdp1(runs):
+    check(runs, "detect_fsdp2_nested", "detect_fsdp1")
+
+
+def test_plain_modules_are_not_fsdp():
+    assert not F.is_fsdp_model(torch.nn.Linear(2, 2))
+    assert not F.is_fsdp_model("not a module")
+    assert type(select_writer(torch.nn.Linear(2, 2))).__name__ == "PlainWriter"
+
+
+def test_bad_state_dict_type_is_a_config_error():
+    with pytest.raises(ConfigError, match="state_dict_type"):
+        F.FSDPWriter(state_dict_type="local")
+    assert F.FSDPWriter("full").state_dict_type == "full"
+
+
+# --------------------------------------------------------------------------- sharded layout
+def test_sharded_save_lists_each_ranks_files_and_config(runs):
+    check(runs, "sharded_files_listed", "fsdp_config_fields")
+
+
+def test_sharded_roundtrip_same_world_size(runs):
+    check(runs, "fsdp2_sharded_2to2", "fsdp2_sharded_2to2_continue")
+
+
+def test_reshard_2_to_1(runs):
+    check(runs, "fsdp2_sharded_2to1", "llama_sharded_2to1")
+
+
+def test_reshard_1_to_2(runs):
+    check(runs, "fsdp2_sharded_1to2")
+
+
+def test_wrong_architecture_is_incompatible_on_every_rank(runs):
+    check(runs, "fsdp2_wrong_architecture")
+
+
+def test_fsspec_url_roundtrip(runs):
+    check(runs, "fsspec_memory_roundtrip", "fsspec_memory_files")
+
+
+def test_validate_dir_rejects_newer_format(tmp_path):
+    st = Storage(str(tmp_path))
+    role_dir = st.join(str(tmp_path), "policy")
+    os.makedirs(role_dir)
+    with open(os.path.join(role_dir, F.FSDP_CONFIG_FILE), "w") as fh:
+        json.dump({"skyrl_callbacks_format": True, "format_version": F.FORMAT_VERSION + 1,
+                   "state_dict_type": "sharded", "fsdp_strategy": "fsdp2", "world_size": 2}, fh)
+    reason = F.FSDPWriter().validate_dir(st, role_dir)
+    assert reason and "newer skyrl-callbacks" in reason
+    assert "no FSDP checkpoint" in F.FSDPWriter().validate_dir(st, st.join(str(tmp_path), "empty"))
+
+
+# --------------------------------------------------------------------------- full layout
+def test_full_mode_files_and_roundtrip(runs):
+    check(runs, "full_files_listed", "fsdp2_full_2to2", "fsdp2_full_2to1")
+
+
+def test_full_mode_equals_non_fsdp_reference_run(runs):
+    # Same batch on every rank: FSDP's averaged gradient (g+g)/2 is exactly g, and AdamW is
+    # elementwise, so the FSDP run matches a single-process run bit for bit.
+    check(runs, "fsdp2_full_model_equals_plain_run", "fsdp2_full_optim_equals_plain_run",
+          "fsdp2_full_exp_avg_not_aliased", "fsdp2_full_loads_into_plain_model")
+
+
+# --------------------------------------------------------------------------- FSDP1
+def test_fsdp1_sharded_and_reshard(runs):
+    check(runs, "fsdp1_matches_fsdp2_run", "fsdp1_sharded_2to2", "fsdp1_sharded_2to1", "fsdp2_sharded_into_fsdp1")
+
+
+def test_fsdp1_full_mode(runs):
+    check(runs, "fsdp1_full_2to2", "fsdp1_full_model_equals_plain_run", "fsdp1_full_optim_equals_plain_run",
+          "fsdp1_full_exp_avg_not_aliased", "fsdp1_full_loads_into_plain_model")
+
+
+# --------------------------------------------------------------------------- SkyRL native layout
+def test_native_layout_loads_at_same_world_size(runs):
+    check(runs, "native_fsdp2_2to2", "native_extra_state_rng", "native_fsdp1_2to2")
+
+
+def test_native_layout_at_other_world_size_says_how_to_convert(runs):
+    check(runs, "native_fsdp2_other_world_size")
+
+
+def test_native_layout_info(runs):
+    info = F.native_layout_info(Storage(runs["work"]), os.path.join(runs["work"], "native_fsdp2_w2", "policy"))
+    assert info == {"world_size": 2, "fsdp_strategy": "fsdp2",
+                    "ranks": {"model": [0, 1], "optim": [0, 1], "extra_state": [0, 1]}}
+
+
+def test_convert_native_offline_then_load_at_1_and_2(runs):
+    conv = runs["conv"]
+    assert conv["pg_initialized"] is False
+    assert isinstance(conv["fsdp2"], dict), conv["fsdp2"]
+    assert conv["fsdp2"]["optimizer"] is True and conv["fsdp2"]["world_size"] == 2
+    assert "model_state.dcp/.metadata" in conv["fsdp2"]["files"]
+    check(runs, "converted_native_fsdp2_to1", "converted_native_fsdp2_to2")
+
+
+def test_sharded_layout_loads_into_unsharded_model_without_process_group(runs):
+    # the converted checkpoint is a DCP directory: one process, no process group, plain module
+    sys.path.insert(0, HERE)
+    try:
+        from fsdp_worker import MLP, make_role
+    finally:
+        sys.path.remove(HERE)
+    from skyrl_callbacks.dist import DistContext
+
+    ref = torch.load(os.path.join(runs["work"], "ref_fsdp2.pt"), weights_only=False)
+    role = make_role(MLP())
+    st = Storage(runs["work"])
+    F.FSDPWriter().load(st, os.path.join(runs["work"], "converted_fsdp2", "policy"), role, DistContext())
+    assert not torch.distributed.is_initialized()
+    for k, v in ref["model"].items():
+        assert torch.equal(role.model.state_dict()[k], v), k
+    osd = role.optimizers[0].state_dict()
+    names = [n for n, _ in role.model.named_parameters()]
+    for i, name in enumerate(names):
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(osd["state"][i][key], ref["optim"]["state"][name][key]), (name, key)
+    assert role.schedulers[0].state_dict() == ref["sched"][0]
+
+
+def test_convert_native_fsdp1(runs):
+    conv = runs["conv"]
+    assert isinstance(conv["fsdp1_refused"], IncompatibleCheckpointError), conv["fsdp1_refused"]
+    assert "include_optimizer=False" in str(conv["fsdp1_refused"])
+    assert isinstance(conv["fsdp1_weights"], dict), conv["fsdp1_weights"]
+    check(runs, "converted_native_fsdp1_weights_to1", "converted_fsdp1_online_state", "converted_fsdp1_online_to1")
+
+
+# --------------------------------------------------------------------------- HF export / storage
+def test_hf_export_streams_one_tensor_at_a_time(runs):
+    check(runs, "hf_export_fsdp2", "hf_export_fsdp2_one_at_a_time", "hf_export_fsdp1", "hf_export_llama",
+          "hf_export_llama_hf_names")
+
+
+def test_shared_storage_check(runs):
+    check(runs, "shared_storage_ok", "shared_storage_not_shared")
