@@ -101,10 +101,23 @@ class CheckpointConfig:
     """Verify checksums of every file against the manifest before resuming (sizes are always checked)."""
 
     async_save: bool = False
-    """Write checkpoints in the background after snapshotting the state (see docs)."""
+    """Reserved for background saving; not available yet, so it must be false."""
 
     save_on_train_end: bool = True
     """Save a final checkpoint (and export) at the end of ``fit`` if the last step was not saved."""
+
+    cloud_upload: str = "staged"
+    """Object-store ``ckpt_path`` only: ``"staged"`` (each rank writes its files to a local
+    staging dir, then uploads them concurrently with multipart uploads; retried per file) or
+    ``"stream"`` (files are streamed straight to the store, no local disk; a failed stream
+    cannot be retried). See docs/cloud.md."""
+
+    cloud_staging_dir: Optional[str] = None
+    """Local directory for staged cloud saves and large downloads (default: the system temp dir)."""
+
+    cloud_retry_deadline_s: float = 120.0
+    """Object stores: retry budget of one operation (upload of a file, listing...) in seconds;
+    transient errors (5xx, SlowDown, resets) are retried with backoff until it is spent."""
 
     extra: dict = field(default_factory=dict, repr=False, compare=False)
     """Keys of the source config that are not ours (e.g. the rest of SkyRL's ``trainer:``
@@ -288,6 +301,25 @@ class CheckpointConfig:
         for key in ("verify_on_resume", "async_save", "save_on_train_end"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"{key}={getattr(self, key)!r}: must be true or false.")
+        if self.cloud_upload not in ("staged", "stream"):
+            raise ConfigError(f"cloud_upload={self.cloud_upload!r}: must be 'staged' or 'stream'.")
+        if self.cloud_staging_dir is not None:
+            if isinstance(self.cloud_staging_dir, os.PathLike):
+                self.cloud_staging_dir = os.fspath(self.cloud_staging_dir)
+            if not isinstance(self.cloud_staging_dir, str) or not self.cloud_staging_dir.strip() or "://" in self.cloud_staging_dir:
+                raise ConfigError(
+                    f"cloud_staging_dir={self.cloud_staging_dir!r}: must be a local directory path (or null for the temp dir)."
+                )
+            self.cloud_staging_dir = resolve_interpolations(self.cloud_staging_dir, "cloud_staging_dir")
+        deadline = self.cloud_retry_deadline_s
+        if isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not deadline > 0:
+            raise ConfigError(f"cloud_retry_deadline_s={deadline!r}: must be a positive number of seconds.")
+        self.cloud_retry_deadline_s = float(deadline)
+        if self.async_save:
+            raise ConfigError(
+                "async_save=True: background saving is not available in this version; "
+                "set async_save=false (saves are synchronous and crash-safe)."
+            )
 
     # ------------------------------------------------------------------ helpers
     def to_dict(self) -> dict:

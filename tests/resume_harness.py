@@ -27,14 +27,9 @@ def run_script(workdir: Path, name: str, args: list[str], *, expect_kill: bool =
     return proc
 
 
-def batches_by_step(path_prefix: Path, rank: int = 0) -> list[dict]:
-    """The batches each step saw; after a resume the redone steps replace the lost ones."""
-    lines = [json.loads(l) for l in Path(f"{path_prefix}.rank{rank}").read_text().splitlines()]
-    return lines
-
-
-def effective_sequence(lines: list[dict], resumed_step_lines: int) -> list[dict]:
-    return lines
+def read_batches(prefix: Path, rank: int = 0) -> list[dict]:
+    path = Path(f"{prefix}.rank{rank}")
+    return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
 
 
 def assert_states_equal(a: dict, b: dict) -> None:
@@ -52,11 +47,36 @@ def assert_states_equal(a: dict, b: dict) -> None:
     assert a["step"] == b["step"]
 
 
-def straight_and_resumed(tmp_path: Path, args: list[str], kill_at: int) -> tuple[dict, dict, list, list]:
-    run_script(tmp_path, "straight", args)
+_STRAIGHT_CACHE: dict[tuple, Path] = {}
+
+
+def straight_run(cache_dir: Path, args: list[str]) -> Path:
+    """Run (once per distinct args) the uninterrupted reference run; returns its directory."""
+    key = tuple(args)
+    if key not in _STRAIGHT_CACHE:
+        name = f"straight{len(_STRAIGHT_CACHE)}"
+        run_script(cache_dir, name, args)
+        _STRAIGHT_CACHE[key] = cache_dir / name
+    return _STRAIGHT_CACHE[key]
+
+
+def check_exact_resume(tmp_path: Path, cache_dir: Path, args: list[str], kill_at: int, expect_resume: int, ranks: int = 1) -> str:
+    """Straight run vs SIGKILL at ``kill_at`` + rerun: everything bitwise equal. Returns the rerun's output."""
+    ref = straight_run(cache_dir, args)
     run_script(tmp_path, "crashed", args + ["--kill-at-step", str(kill_at)], expect_kill=True)
+    first = {r: len(read_batches(tmp_path / "crashed" / "batches", r)) for r in range(ranks)}
     proc = run_script(tmp_path, "crashed", args)
-    assert "resumed from" in proc.stdout + proc.stderr
-    a = torch.load(tmp_path / "straight" / "final.pt", weights_only=False)
+    out = proc.stdout + proc.stderr
+    assert f"continuing at step {expect_resume + 1}" in out, out[-3000:]
+    a = torch.load(ref / "final.pt", weights_only=False)
     b = torch.load(tmp_path / "crashed" / "final.pt", weights_only=False)
-    return a, b, proc.stdout, proc.stderr
+    assert b["resumed_step"] == expect_resume
+    assert_states_equal(a, b)
+    for r in range(ranks):
+        straight = read_batches(ref / "batches", r)
+        crashed = read_batches(tmp_path / "crashed" / "batches", r)
+        lines_per_step = len(straight) // a["step"]
+        effective = crashed[: expect_resume * lines_per_step] + crashed[first[r]:]
+        assert [x["idx"] for x in effective] == [x["idx"] for x in straight], f"rank {r}: batch order differs"
+        assert [x["noise"] for x in effective] == [x["noise"] for x in straight], f"rank {r}: RNG stream differs"
+    return out
