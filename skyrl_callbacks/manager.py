@@ -33,9 +33,9 @@ from skyrl_callbacks.errors import (
     CorruptCheckpointError,
     IncompatibleCheckpointError,
 )
-from skyrl_callbacks.manifest import build_manifest, checksum_algo, hash_files, read_manifest, verify_dir
+from skyrl_callbacks.manifest import build_manifest, checksum_algo, read_manifest, verify_dir
 from skyrl_callbacks.rng import capture_rng
-from skyrl_callbacks.storage import Storage, new_token
+from skyrl_callbacks.storage import Storage, make_local_stage, new_token, remove_local_stage
 from skyrl_callbacks.writers.base import HF_DIR, RoleWriter, select_writer
 from skyrl_callbacks.writers.plain import torch_load, torch_save
 
@@ -98,14 +98,22 @@ class CheckpointManager:
     def __init__(self, config: Any = None, dist: Optional[DistContext] = None) -> None:
         self.config = CheckpointConfig.coerce(config)
         self.dist = dist or DistContext()
-        self.storage = Storage(self.config.ckpt_path, self.config.storage_options)
-        self.export_storage = Storage(self.config.export_path, self.config.storage_options)
+        self.storage = self._open_storage(self.config.ckpt_path)
+        self.export_storage = self._open_storage(self.config.export_path)
         self.last_saved_step: Optional[int] = None
         self.last_exported_step: Optional[int] = None
         self.resumed_from: Optional[str] = None
         self.last_result: Optional[SaveResult] = None
         self._storage_checked = False
         self._writers: dict[str, RoleWriter] = {}
+
+    def _open_storage(self, url: str) -> Storage:
+        return Storage(
+            url,
+            self.config.storage_options,
+            local_tmp_dir=self.config.cloud_staging_dir,
+            retry_deadline_s=self.config.cloud_retry_deadline_s,
+        )
 
     # ------------------------------------------------------------------ layout
     def step_dir(self, step: int) -> str:
@@ -171,13 +179,47 @@ class CheckpointManager:
         if not self._storage_checked:
             self._check_shared(staging)
             self._storage_checked = True
+        # Object stores, cloud_upload="staged": every rank writes into its own local stage,
+        # then uploads exactly the files it wrote (below); the manifest is still written last.
+        stage: list[str] = []
+        wstore, wstaging = storage, staging
+        try:
+            if not storage.is_local and self.config.cloud_upload == "staged":
+                dist.run(
+                    "prepare local stage",
+                    lambda: stage.append(make_local_stage(self.config.cloud_staging_dir, token, dist.rank)),
+                )
+                wstore = Storage(stage[0])
+                wstaging = wstore.join(stage[0], rules.step_dirname(step))
+            return self._save_phases(step, roles, trainer_state, data_state, t0, final, staging, wstore, wstaging)
+        finally:
+            for path in stage:
+                remove_local_stage(path)
+            if not storage.is_local:
+                storage.forget_written(final)
+
+    def _save_phases(
+        self,
+        step: int,
+        roles: Sequence["Role"],
+        trainer_state: Optional[dict],
+        data_state: Any,
+        t0: float,
+        final: str,
+        staging: str,
+        wstore: Storage,
+        wstaging: str,
+    ) -> SaveResult:
+        """Phases 2-5 of :meth:`save`; writers write into ``wstore``/``wstaging`` (a local stage
+        for staged cloud saves, else ``staging`` itself)."""
+        dist, storage = self.dist, self.storage
 
         def write_roles() -> list[str]:
             files: list[str] = []
             for role in roles:
-                role_dir = storage.join(staging, role.name)
-                storage.makedirs(role_dir)
-                written = self.writer_for(role).save(storage, role_dir, role, dist)
+                role_dir = wstore.join(wstaging, role.name)
+                wstore.makedirs(role_dir)
+                written = self.writer_for(role).save(wstore, role_dir, role, dist)
                 files += [f"{role.name}/{f}" for f in written]
             return files
 
@@ -188,9 +230,11 @@ class CheckpointManager:
         def write_main() -> list[str]:
             files = []
             for role in roles:
-                files += self._write_hf_dir(storage.join(staging, role.name, HF_DIR), role, f"{role.name}/{HF_DIR}")
+                files += self._write_hf_dir(
+                    wstore, wstore.join(wstaging, role.name, HF_DIR), role, f"{role.name}/{HF_DIR}"
+                )
             data = {"format": "skyrl-callbacks", "world_size": dist.world_size, "per_rank": [g["data"] for g in gathered]}
-            torch_save(storage, storage.join(staging, DATA_FILE), data)
+            torch_save(wstore, wstore.join(wstaging, DATA_FILE), data)
             state = dict(trainer_state or {})
             state.update(
                 global_step=int(step),
@@ -200,14 +244,17 @@ class CheckpointManager:
                 strategies={r.name: self.writer_for(r).kind for r in roles},
                 roles=[r.name for r in roles],
             )
-            torch_save(storage, storage.join(staging, TRAINER_STATE_FILE), state)
+            torch_save(wstore, wstore.join(wstaging, TRAINER_STATE_FILE), state)
             return files + [DATA_FILE, TRAINER_STATE_FILE]
 
         main_files = dist.run_on_main("write trainer state", write_main) or []
         algo = checksum_algo()
-        my_hashes = dist.run("checksum", lambda: hash_files(storage, staging, my_files + main_files, algo))
-        all_hashes = dist.gather_to_main(my_hashes)
+        my_hashes = dist.run("checksum", lambda: wstore.describe_files(wstaging, my_files + main_files, algo))
         t_written = time.perf_counter()
+        if wstore is not storage:
+            # staged cloud save: each rank uploads its own files, concurrently, with retries
+            dist.run("upload", lambda: storage.upload_files(wstaging, final, my_files + main_files))
+        all_hashes = dist.gather_to_main(my_hashes)
 
         def commit() -> int:
             files: dict[str, dict] = {}
@@ -278,7 +325,7 @@ class CheckpointManager:
         self.dist.run("storage check", check)
         self.dist.run_on_main("storage check", lambda: self.storage.rm(marker, recursive=False))
 
-    def _write_hf_dir(self, out_dir: str, role: "Role", rel_prefix: str) -> list[str]:
+    def _write_hf_dir(self, store: Storage, out_dir: str, role: "Role", rel_prefix: str) -> list[str]:
         """``huggingface/`` (config, generation config, tokenizer) of an HF model (rank 0)."""
         from skyrl_callbacks.writers.hf import hf_model_of, write_hf_metadata
 
@@ -288,16 +335,16 @@ class CheckpointManager:
         import os
         import tempfile
 
-        local = out_dir if self.storage.is_local else tempfile.mkdtemp(prefix="skyrl-hfmeta-")
+        local = out_dir if store.is_local else tempfile.mkdtemp(prefix="skyrl-hfmeta-", dir=self.config.cloud_staging_dir)
         write_hf_metadata(local, hf, role.tokenizer)
         names = []
         for dirpath, _dirs, fnames in os.walk(local):
             for fname in fnames:
                 names.append(os.path.relpath(os.path.join(dirpath, fname), local).replace(os.sep, "/"))
-        if not self.storage.is_local:
+        if not store.is_local:
             from skyrl_callbacks.storage import upload_local_dir
 
-            upload_local_dir(self.storage, local, out_dir)
+            upload_local_dir(store, local, out_dir)
             import shutil
 
             shutil.rmtree(local, ignore_errors=True)
@@ -337,7 +384,7 @@ class CheckpointManager:
         )
 
         def commit() -> None:
-            hashes = hash_files(storage, staging, files or [], checksum_algo())
+            hashes = storage.describe_files(staging, files or [], checksum_algo())
             manifest = build_manifest(hashes, step=step, world_size=dist.world_size, strategies={role.name: "hf"}, algo=checksum_algo())
             storage.commit(staging, final, manifest)
 
@@ -361,7 +408,7 @@ class CheckpointManager:
                 return []
             if mode == "from_path":
                 path = self.config.resume_path.rstrip("/")
-                store = Storage(path, self.config.storage_options)
+                store = self._open_storage(path)
                 if not store.is_committed(store.root):
                     raise CheckpointNotFoundError(
                         f"resume_path={self.config.resume_path!r}: not a committed checkpoint directory "
@@ -400,7 +447,11 @@ class CheckpointManager:
     def verify(self, step_dir: str, *, checksums: Optional[bool] = None) -> list[str]:
         """Problems of ``step_dir`` against its manifest ([] when fine; legacy dirs pass)."""
         store = self._store_for(step_dir)
-        if read_manifest(store, step_dir) is None and store.supports_rename:
+        try:
+            legacy = read_manifest(store, step_dir) is None
+        except (ValueError, OSError) as exc:
+            return [f"manifest unreadable ({exc})"]
+        if legacy and store.supports_rename:
             return []  # a SkyRL-native checkpoint: nothing to verify against
         return verify_dir(store, step_dir, checksums=self.config.verify_on_resume if checksums is None else checksums)
 
@@ -408,7 +459,7 @@ class CheckpointManager:
         root = self.storage.root.rstrip("/")
         if path.startswith(root):
             return self.storage
-        return Storage(path, self.config.storage_options)
+        return self._open_storage(path)
 
     def load(self, roles: Sequence["Role"], step_dir: str) -> ResumeState:
         """Restore ``roles`` from ``step_dir`` and return the rest of the state. Collective.
