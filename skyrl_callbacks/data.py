@@ -1,45 +1,38 @@
-"""Exact resumption of the data order of a ``torch.utils.data.DataLoader``.
+"""Exact resumption of a ``torch.utils.data.DataLoader``'s data order.
 
-Two public names:
+* :class:`DataLoaderStateMixin`: ``class MyLoader(DataLoaderStateMixin, DataLoader)`` gets
+  ``state_dict()``/``load_state_dict()``; needs only torch.
+* :class:`ResumableDataLoader`: drop-in ``DataLoader`` (same constructor). Engine: torchdata's
+  ``StatefulDataLoader`` when importable (wrapped to honour the RNG contract), else the mixin.
 
-* :class:`DataLoaderStateMixin`: put it in front of your own ``DataLoader`` subclass
-  (``class MyLoader(DataLoaderStateMixin, DataLoader)``) to get ``state_dict()`` /
-  ``load_state_dict()``. It needs only torch.
-* :class:`ResumableDataLoader`: a drop-in ``DataLoader`` with the same constructor. Its
-  engine is torchdata's ``StatefulDataLoader`` when torchdata is importable, otherwise
-  ``DataLoaderStateMixin`` + ``DataLoader``.
+Contract: after ``k`` batches of an epoch take ``S = loader.state_dict()`` and the global RNG
+states (torch, ``random``, numpy). A fresh loader built with the same arguments (fresh
+dataset, generators seeded as at process start) that gets ``load_state_dict(S)`` and the RNG
+states back yields, on its first ``iter()``, the rest of that epoch (nothing if ``k`` was
+the last batch) without touching the global RNG; every later ``iter()`` is a new epoch that
+draws exactly what the uninterrupted run drew. A state taken after the epoch's iterator
+raised ``StopIteration`` resumes as the original would: the next ``iter()`` is the next
+epoch. States are plain dicts/tensors (``torch.load(weights_only=True)`` works).
 
-The contract: take ``S = loader.state_dict()`` together with the global RNG states after
-``k`` batches of an epoch; build a fresh loader with the same arguments (fresh dataset,
-generators seeded as at process start), call ``load_state_dict(S)`` and restore the RNG
-states. Then the first ``iter()`` yields the remaining batches of that epoch (none when
-all were yielded) without touching the global RNG, and each later ``iter()`` is a fresh
-epoch drawing exactly what the uninterrupted run drew; batches and global RNG draws are
-bitwise identical to the uninterrupted run. A state taken after the epoch's iterator
-raised ``StopIteration`` resumes like the original would: the next ``iter()`` starts the
-next epoch. States survive ``torch.save``/``torch.load`` (also ``weights_only=True`` for
-the mixin engine).
+Mixin engine: for map-style datasets it records, when each epoch's sampler starts, every RNG
+the sampler may draw from (global torch/``random``/numpy, each ``torch.Generator`` on the
+loader and its samplers) and the samplers' ``epoch`` (``DistributedSampler.set_epoch``), and
+counts yielded batches. A resume replays the sampler under those states, skips consumed
+index batches (their samples are never loaded), leaves the generators in their end-of-epoch
+states and gives the caller's RNG back; ``num_workers`` may change between save and load.
+For an ``IterableDataset`` it uses the dataset's ``state_dict``/``load_state_dict`` with
+``num_workers=0``, else fast-forwards by loading and discarding batches (with a warning).
 
-How the mixin works: for map-style datasets it records, when the sampler starts each
-epoch, the RNG states the sampler may draw from (global torch/``random``/numpy, every
-``torch.Generator`` reachable from the loader and its samplers) and the samplers'
-``epoch`` attributes (``DistributedSampler.set_epoch``), plus the number of batches
-yielded. On resume it replays the sampler under those states, skips the consumed index
-batches (their samples are never loaded), leaves the generators in their end-of-epoch
-states and restores the caller's global RNG. ``num_workers`` may differ between save and
-load. For ``IterableDataset`` it uses the dataset's own ``state_dict``/``load_state_dict``
-(single-process loading only) or else fast-forwards by consuming batches, with a warning.
+Caveats (user cooperation):
 
-Caveats (user cooperation needed):
-
-* The sampler's order must be a function of the RNG states and ``epoch`` listed above
-  (true for every torch sampler); samplers with other hidden state are not supported by
-  the mixin (torchdata uses a sampler's own ``state_dict`` when it has one).
-* Randomness drawn inside worker processes (augmentations) is not replayed exactly after
-  a mid-epoch resume; derive it from the sample index if it must be exact.
+* A sampler's order must depend only on those RNGs and ``epoch`` (true of torch's
+  samplers); the torchdata engine also uses a sampler's own ``state_dict``.
+* Randomness drawn inside worker processes (augmentations) is not replayed exactly after a
+  mid-epoch resume: derive it from the sample index if that matters.
+* Stateful IterableDatasets follow torchdata's convention: the first ``iter()`` after
+  ``load_state_dict`` resumes, any other ``iter()`` starts a new pass. IterableDatasets must
+  be resumed with the same ``num_workers`` (the torchdata engine: always).
 * One live iterator per loader: a second ``iter()`` starts a new epoch.
-* IterableDatasets: the same ``num_workers`` must be used; with
-  ``persistent_workers=True`` worker-side randomness of later epochs is not exact.
 """
 
 from __future__ import annotations
@@ -70,17 +63,13 @@ __all__ = ["DataLoaderStateMixin", "ResumableDataLoader"]
 logger = logging.getLogger(__name__)
 
 _FORMAT = "skyrl_callbacks.data/1"
-_FF_WARNING = (
-    "{cls}: the IterableDataset has no state_dict/load_state_dict usable here, so resuming "
-    "fast-forwards by loading and discarding {n} batch(es)."
-)
 
 
 # --------------------------------------------------------------------------- RNG helpers
 def _global_rng() -> dict[str, Any]:
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": None}
     np = sys.modules.get("numpy")
-    if np is not None:
+    if np is not None:  # numpy's own arrays would not load with weights_only=True
         name, keys, pos, has_gauss, gauss = np.random.get_state()
         state["numpy"] = (str(name), torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(gauss))
     return state
@@ -95,24 +84,23 @@ def _set_global_rng(state: Mapping[str, Any]) -> None:
         np.random.set_state((name, keys.numpy().astype("uint32"), pos, has_gauss, gauss))
 
 
-def _samplers(loader: Any) -> list[Any]:
-    """The loader's sampler, batch sampler and the batch sampler's inner sampler (deduplicated)."""
-    batch_sampler = getattr(loader, "batch_sampler", None)
+def _unique(objs: Iterable[Any]) -> list[Any]:
     found: list[Any] = []
-    for obj in (getattr(loader, "sampler", None), batch_sampler, getattr(batch_sampler, "sampler", None)):
+    for obj in objs:
         if obj is not None and all(obj is not seen for seen in found):
             found.append(obj)
     return found
 
 
+def _samplers(loader: Any) -> list[Any]:
+    """The sampler, the batch sampler and the batch sampler's inner sampler."""
+    batch_sampler = loader.batch_sampler
+    return _unique([loader.sampler, batch_sampler, getattr(batch_sampler, "sampler", None)])
+
+
 def _generators(loader: Any) -> list[torch.Generator]:
-    """Every ``torch.Generator`` the loader or its samplers hold, in a stable order."""
-    gens: list[torch.Generator] = []
-    for obj in [loader, *_samplers(loader)]:
-        gen = getattr(obj, "generator", None)
-        if isinstance(gen, torch.Generator) and all(gen is not seen for seen in gens):
-            gens.append(gen)
-    return gens
+    gens = [getattr(obj, "generator", None) for obj in [loader, *_samplers(loader)]]
+    return _unique(g for g in gens if isinstance(g, torch.Generator))
 
 
 def _epoch_holders(loader: Any) -> list[Any]:
@@ -125,7 +113,7 @@ def _set_gens(loader: Any, states: list[torch.Tensor]) -> None:
 
 
 def _capture(loader: Any) -> dict[str, Any]:
-    """Everything a sampler may draw from: global RNGs, the generators and samplers' epochs."""
+    """Everything a sampler may draw from: global RNGs, generators, the samplers' epochs."""
     return {
         "global": _global_rng(),
         "gens": [g.get_state() for g in _generators(loader)],
@@ -144,36 +132,44 @@ def _is_stateful(obj: Any) -> bool:
     return callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
 
 
+def _len(obj: Any) -> Optional[int]:
+    try:
+        return len(obj)
+    except TypeError:
+        return None
+
+
+def _warn_fast_forward(loader: Any, n: int) -> None:
+    warnings.warn(
+        f"{type(loader).__name__}: the IterableDataset has no state_dict/load_state_dict usable here, "
+        f"so the resume fast-forwards by loading and discarding {n} batch(es).",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
 # ------------------------------------------------------------------------ state plumbing
 class _Record:
-    """Book-keeping for the epoch the loader's latest iterator belongs to."""
+    """Book-keeping for the epoch of the loader's latest iterator."""
 
     def __init__(self, rng: Optional[dict[str, Any]] = None) -> None:
-        self.rng = rng  # mixin map-style: captured at sampler start; else before iter()
-        self.offset = 0  # batches skipped (already consumed before the resume)
+        self.rng = rng  # mixin, map-style: captured at sampler start; otherwise before iter()
+        self.offset = 0  # batches consumed before a resume
         self.yielded = 0  # batches this iterator returned
         self.done = False  # this iterator raised StopIteration
-        self.remaining: Optional[list[Any]] = None  # index batches left after a resume
+        self.remaining: Optional[Iterable[Any]] = None  # index batches left after a resume
         self.rewind: Optional[dict[str, Any]] = None  # RNG to restore after the base-seed draw
         self.iterator: Optional[weakref.ref] = None
 
 
-def _meta(loader: DataLoader, engine: str) -> dict[str, Any]:
+def _meta(loader: Any, engine: str) -> dict[str, Any]:
     iterable = isinstance(loader.dataset, IterableDataset)
-    try:
-        dataset_len: Optional[int] = len(loader.dataset)  # type: ignore[arg-type]
-    except TypeError:
-        dataset_len = None
     inner = loader.batch_sampler if loader.batch_sampler is not None else loader.sampler
-    try:
-        num_batches: Optional[int] = None if iterable else len(inner)  # type: ignore[arg-type]
-    except TypeError:
-        num_batches = None
     return {
         "engine": engine,
         "kind": "iterable" if iterable else "map",
-        "dataset_len": dataset_len,
-        "num_batches": num_batches,
+        "dataset_len": _len(loader.dataset),
+        "num_batches": None if iterable else _len(inner),
         "batch_size": loader.batch_size,
         "drop_last": loader.drop_last,
         "sampler": type(loader.sampler).__name__,
@@ -183,18 +179,18 @@ def _meta(loader: DataLoader, engine: str) -> dict[str, Any]:
     }
 
 
-def _check(loader: DataLoader, state: Any, engine: str) -> None:
+def _check(loader: Any, state: Any, engine: str) -> None:
     """Raise ValueError when ``state`` cannot be loaded into ``loader``."""
     name = type(loader).__name__
     if not isinstance(state, Mapping) or state.get("format") != _FORMAT:
+        got = state.get("format") if isinstance(state, Mapping) else type(state).__name__
         raise ValueError(
             f"{name}.load_state_dict: not a data-loader state written by skyrl_callbacks.data "
-            f"(expected format {_FORMAT!r}, got {state.get('format') if isinstance(state, Mapping) else type(state)!r})."
+            f"(expected format {_FORMAT!r}, got {got!r})."
         )
     saved, mine = state["meta"], _meta(loader, engine)
-    keys = [k for k in mine if k != "num_workers"]
-    if engine == "torchdata" or mine["kind"] == "iterable":
-        keys.append("num_workers")
+    strict_workers = engine == "torchdata" or mine["kind"] == "iterable"
+    keys = [k for k in mine if k != "num_workers" or strict_workers]
     bad = [f"{k} (saved {saved.get(k)!r}, this loader {mine[k]!r})" for k in keys if saved.get(k) != mine[k]]
     if bad:
         raise ValueError(
@@ -204,7 +200,7 @@ def _check(loader: DataLoader, state: Any, engine: str) -> None:
 
 
 class _CountingIter:
-    """Iterator mix-in that counts yielded batches and notices the end of the epoch."""
+    """Iterator mix-in: counts yielded batches and notices the end of the epoch."""
 
     _rs_rec: Optional[_Record] = None
 
@@ -242,23 +238,20 @@ class _IndexProxy:
         return len(self.inner)  # type: ignore[arg-type]
 
     def __iter__(self) -> Iterator[Any]:
-        loader = self._loader()  # alive: an iterator of it is being created or reset
+        loader = self._loader()  # alive: one of its iterators is being created or reset
         return self._run(loader, loader._rs_rec)
 
     def _run(self, loader: Any, rec: Optional[_Record]) -> Iterator[Any]:
+        remaining = None
         if rec is not None:
             if rec.rewind is not None:  # undo the base-seed draw of a continuing iterator
                 rewind, rec.rewind = rec.rewind, None
                 _apply(loader, rewind)
-            if rec.remaining is not None:
-                remaining, rec.remaining = rec.remaining, None
-                del loader
-                yield from remaining
-                return
-            if not isinstance(loader.dataset, IterableDataset):
+            remaining, rec.remaining = rec.remaining, None
+            if remaining is None and not isinstance(loader.dataset, IterableDataset):
                 rec.rng = _capture(loader)
         del loader  # the loader may be a temporary: ``for b in MyLoader(...)``
-        yield from self.inner
+        yield from self.inner if remaining is None else remaining
 
 
 # ---------------------------------------------------------------------------- the mixin
@@ -267,8 +260,7 @@ class DataLoaderStateMixin:
 
     Use as ``class MyLoader(DataLoaderStateMixin, DataLoader): ...``. It defines no
     ``__init__``, so the constructor (and Lightning's re-instantiation of the loader with
-    a ``DistributedSampler``) is the ``DataLoader``'s. See the module docstring for the
-    contract and caveats.
+    a ``DistributedSampler``) is the ``DataLoader``'s. See the module docstring.
     """
 
     _rs_rec: Optional[_Record] = None
@@ -289,7 +281,7 @@ class DataLoaderStateMixin:
         return _CountingMulti(self)
 
     def state_dict(self) -> dict[str, Any]:
-        """Return the resume state of the loader (plain dicts, tensors and ints).
+        """Return the loader's resume state (dicts, lists, ints and tensors).
 
         Returns:
             The state; before any iteration it describes a fresh loader.
@@ -297,15 +289,11 @@ class DataLoaderStateMixin:
         if self._rs_pending is not None:  # loaded but not iterated yet
             return dict(self._rs_pending)
         loader: Any = self
-        state: dict[str, Any] = {
-            "format": _FORMAT,
-            "meta": _meta(loader, "mixin"),
-            "gens": [g.get_state() for g in _generators(loader)],
-        }
+        gens = [g.get_state() for g in _generators(loader)]
+        state: dict[str, Any] = {"format": _FORMAT, "meta": _meta(loader, "mixin"), "gens": gens}
         rec = self._rs_rec
         if rec is None:
-            state["fresh"] = True
-            return state
+            return {**state, "fresh": True}
         state.update(
             yielded=rec.offset + rec.yielded,
             done=rec.done,
@@ -313,13 +301,12 @@ class DataLoaderStateMixin:
             persistent_alive=bool(loader.persistent_workers and loader._iterator is not None),
         )
         if isinstance(loader.dataset, IterableDataset) and loader.num_workers == 0 and _is_stateful(loader.dataset):
-            it = rec.iterator() if rec.iterator is not None else None
-            state["dataset_state"] = loader.dataset.state_dict()
-            state["ended"] = bool(getattr(getattr(it, "_dataset_fetcher", None), "ended", False))
+            fetcher = getattr(rec.iterator() if rec.iterator else None, "_dataset_fetcher", None)
+            state.update(dataset_state=loader.dataset.state_dict(), ended=bool(getattr(fetcher, "ended", False)))
         return state
 
     def load_state_dict(self, state_dict: Optional[Mapping[str, Any]]) -> None:
-        """Arrange for the next ``iter()`` to continue from ``state_dict``.
+        """Make the next ``iter()`` continue from ``state_dict``.
 
         Args:
             state_dict: A state from :meth:`state_dict`; ``None`` or ``{}`` is a no-op.
@@ -329,40 +316,37 @@ class DataLoaderStateMixin:
         """
         if not state_dict:
             return
-        _check(self, state_dict, "mixin")  # type: ignore[arg-type]
+        _check(self, state_dict, "mixin")
         self._rs_pending = dict(state_dict)
 
     def __iter__(self) -> Iterator[Any]:
         loader: Any = self
         state, self._rs_pending = self._rs_pending, None
-        iterable = isinstance(loader.dataset, IterableDataset)
-        if state is not None and not state.get("fresh") and state.get("dataset_state") is not None:
-            loader.dataset.load_state_dict(state["dataset_state"])
-        if state is not None and (state.get("fresh") or state["done"]):
-            _set_gens(loader, state["gens"])
-            if state.get("dataset_state") is not None:  # let the dataset see its resumed end
+        if state is None:
+            return self._rs_start(_Record())
+        dataset_state = state.get("dataset_state")
+        if dataset_state is not None:
+            loader.dataset.load_state_dict(dataset_state)
+        _set_gens(loader, state["gens"])
+        if state.get("fresh") or state["done"]:
+            if dataset_state is not None:  # let the dataset see its resumed end first
                 for _ in self._rs_start(_Record(), rewind=True):
                     logger.warning("%s: a finished dataset yielded a batch on resume", type(self).__name__)
             return self._rs_start(_Record(), rewind=bool(state.get("persistent_alive")))
-        if state is None:
-            return self._rs_start(_Record())
         # Continue the interrupted epoch without consuming the caller's RNG.
         yielded, rec = state["yielded"], _Record(rng=state["rng"])
-        if not iterable:
-            if state["rng"] is None:  # iter() was called but its sampler had not started
-                _set_gens(loader, state["gens"])
+        if not isinstance(loader.dataset, IterableDataset):
+            if state["rng"] is None:  # iter() had been called, but its sampler had not started
                 return self._rs_start(_Record(), rewind=True)
-            rec.offset, rec.remaining = yielded, self._rs_replay(state["rng"])[yielded:]
+            rec.offset, rec.remaining = yielded, self._rs_replay(state["rng"], yielded)
             return self._rs_start(rec, rewind=True)
-        _set_gens(loader, state["gens"])
-        if state.get("dataset_state") is not None:
-            rec.offset = yielded
-            rec.remaining = [] if state.get("ended") else None
+        if dataset_state is not None:
+            rec.offset, rec.remaining = yielded, ([] if state.get("ended") else None)
             return self._rs_start(rec, rewind=True)
         if yielded:
-            warnings.warn(_FF_WARNING.format(cls=type(self).__name__, n=yielded), UserWarning, stacklevel=2)
+            _warn_fast_forward(self, yielded)
         now = _global_rng()
-        _apply(loader, state["rng"])  # replay the epoch start: same base seed, same dataset draws
+        _apply(loader, state["rng"])  # replay the epoch start: same base seed, same draws
         try:
             it = self._rs_start(rec)
             for _ in itertools.islice(it, yielded):
@@ -376,8 +360,7 @@ class DataLoaderStateMixin:
         loader: Any = self
         if isinstance(loader.dataset, IterableDataset) and rec.rng is None:
             rec.rng = _capture(loader)
-        if rewind:
-            rec.rewind = _capture(loader)
+        rec.rewind = _capture(loader) if rewind else None
         self._rs_rec = rec
         try:
             it = super().__iter__()  # type: ignore[misc]
@@ -389,25 +372,38 @@ class DataLoaderStateMixin:
         rec.iterator = weakref.ref(it)
         return it
 
-    def _rs_replay(self, rng: Mapping[str, Any]) -> list[Any]:
-        """The epoch's full index order, replayed under its recorded RNG states.
+    def _rs_replay(self, rng: Mapping[str, Any], skip: int) -> Iterator[Any]:
+        """A live iterator over the epoch's index batches, replayed under its recorded RNG
+        states and positioned after ``skip`` batches.
 
-        Leaves the generators in their end-of-epoch states and everything else as it was.
+        The iterator stays lazy: draws a sampler makes later (``RandomSampler`` draws again
+        when it is exhausted, which a consumer that stops after ``len`` batches never
+        triggers) happen exactly when the consumer gets there, as in the original run. The
+        global RNGs and sampler epochs are given back; the generators continue from the replay.
         """
         loader: Any = self
         now = _capture(loader)
         _apply(loader, rng)
         try:
-            batches = list(self._index_sampler.inner)
-            end = [g.get_state() for g in _generators(loader)]
+            it = iter(self._index_sampler.inner)
+            if skip:
+                for _ in itertools.islice(it, skip):
+                    pass
+            else:  # run the sampler's start (its seed draw) under the recorded states
+                first = next(it, _END)
+                it = iter(()) if first is _END else itertools.chain([first], it)
         finally:
-            _apply(loader, now)
-        _set_gens(loader, end)
-        return batches
+            _set_global_rng(now["global"])
+            for holder, epoch in zip(_epoch_holders(loader), now["epochs"]):
+                holder.epoch = epoch
+        return it
+
+
+_END = object()
 
 
 class _MixinResumableDataLoader(DataLoaderStateMixin, DataLoader):
-    """``ResumableDataLoader`` engine used when torchdata is not importable."""
+    """The ``ResumableDataLoader`` engine when torchdata is not importable."""
 
 
 # ---------------------------------------------------------------------- torchdata engine
@@ -417,8 +413,8 @@ if _StatefulDataLoader is not None:
     class ResumableDataLoader(_StatefulDataLoader):  # type: ignore[misc, valid-type]
         """Drop-in ``DataLoader`` (same constructor) with exact ``state_dict``/``load_state_dict``.
 
-        Engine: torchdata's ``StatefulDataLoader`` (importable here), wrapped so that a
-        resume replays the RNG and never consumes the caller's. See the module docstring.
+        Engine: torchdata's ``StatefulDataLoader``, wrapped so that a resume replays the RNG
+        of the interrupted epoch and never consumes the caller's. See the module docstring.
         """
 
         _rs_rec: Optional[_Record] = None
@@ -432,18 +428,18 @@ if _StatefulDataLoader is not None:
         __init__.__signature__ = inspect.signature(_StatefulDataLoader.__init__)  # type: ignore[attr-defined]
 
         def state_dict(self) -> dict[str, Any]:
-            """Return the resume state: torchdata's plus the RNG book-keeping."""
+            """Return the resume state: torchdata's plus the RNG book-keeping.
+
+            Returns:
+                The state; before any iteration it describes a fresh loader.
+            """
             if self._rs_pending is not None:
                 return dict(self._rs_pending)
-            state: dict[str, Any] = {
-                "format": _FORMAT,
-                "meta": _meta(self, "torchdata"),
-                "gens": [g.get_state() for g in _generators(self)],
-            }
+            gens = [g.get_state() for g in _generators(self)]
+            state: dict[str, Any] = {"format": _FORMAT, "meta": _meta(self, "torchdata"), "gens": gens}
             it = self._iterator
-            if self._rs_rec is None or it is None:  # never iterated: no iterator is created
-                state["fresh"] = True
-                return state
+            if self._rs_rec is None or it is None:  # do not let torchdata create an iterator
+                return {**state, "fresh": True}
             state.update(
                 inner=super().state_dict(),
                 rng=self._rs_rec.rng,
@@ -454,7 +450,7 @@ if _StatefulDataLoader is not None:
             return state
 
         def load_state_dict(self, state_dict: Optional[Mapping[str, Any]]) -> None:
-            """Arrange for the next ``iter()`` to continue from ``state_dict``.
+            """Make the next ``iter()`` continue from ``state_dict``.
 
             Args:
                 state_dict: A state from :meth:`state_dict`; ``None`` or ``{}`` is a no-op.
@@ -465,10 +461,9 @@ if _StatefulDataLoader is not None:
             if not state_dict:
                 return
             _check(self, state_dict, "torchdata")
-            if state_dict.get("fresh"):
-                super().load_state_dict({})
-            else:  # resume the iterator where it was; a finished one is drained in __iter__
-                super().load_state_dict({**state_dict["inner"], _FINISHED: False})
+            # A finished iterator is restored unfinished and drained in __iter__, so that the
+            # next epoch starts exactly as it would have (torchdata would start it twice).
+            super().load_state_dict({} if state_dict.get("fresh") else {**state_dict["inner"], _FINISHED: False})
             self._rs_pending = dict(state_dict)
 
         def __iter__(self) -> Iterator[Any]:
@@ -479,9 +474,7 @@ if _StatefulDataLoader is not None:
                 return self._rs_fresh()
             iterable = isinstance(self.dataset, IterableDataset)
             if iterable and not state["stateful"] and state["yielded"] and not state["done"]:
-                warnings.warn(
-                    _FF_WARNING.format(cls=type(self).__name__, n=state["yielded"]), UserWarning, stacklevel=2
-                )
+                _warn_fast_forward(self, state["yielded"])
             now = _capture(self)
             _apply(self, state["rng"])  # the RNG as it was when the interrupted epoch began
             try:
@@ -492,11 +485,11 @@ if _StatefulDataLoader is not None:
                 _apply(self, now)
                 _set_gens(self, state["gens"])
             self._rs_rec = _Record(rng=state["rng"])
-            if state["done"]:
-                for _ in it:  # already exhausted when saved: nothing is left
-                    logger.warning("%s: a finished iterator yielded a batch on resume", type(self).__name__)
-                return self._rs_fresh()
-            return it
+            if not state["done"]:
+                return it
+            for _ in it:  # exhausted when saved: nothing is left
+                logger.warning("%s: a finished iterator yielded a batch on resume", type(self).__name__)
+            return self._rs_fresh()
 
         def _rs_fresh(self) -> Iterator[Any]:
             self._rs_rec = _Record(rng=_capture(self))
@@ -508,5 +501,5 @@ else:
         """Drop-in ``DataLoader`` (same constructor) with exact ``state_dict``/``load_state_dict``.
 
         Engine: :class:`DataLoaderStateMixin` (torchdata is not importable). See the module
-        docstring for the contract and caveats.
+        docstring.
         """

@@ -10,10 +10,9 @@ the tail of the reference run.
 
 from __future__ import annotations
 
+import importlib.util
 import io
-import os
 import random
-import subprocess
 import sys
 import warnings
 from typing import Any, Callable, Optional
@@ -27,7 +26,6 @@ from torch.utils.data import TensorDataset, get_worker_info
 from skyrl_callbacks import data
 from skyrl_callbacks.data import DataLoaderStateMixin, ResumableDataLoader
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 E = 3  # epochs
 N = 10  # samples; batch size 3 -> 4 batches (last one partial)
 HAS_TORCHDATA = data._StatefulDataLoader is not None
@@ -48,6 +46,9 @@ LOADERS: dict[str, type] = {"mixin": UserLoader, "fallback": data._MixinResumabl
 if HAS_TORCHDATA:
     LOADERS["torchdata"] = ResumableDataLoader
 CLASSES = list(LOADERS)
+# Worker-process tests are the slow ones; the fallback engine is the mixin on a plain
+# DataLoader, so there it only runs when it is the ResumableDataLoader (no torchdata).
+WORKER_CLASSES = ["mixin", "torchdata" if HAS_TORCHDATA else "fallback"]
 
 
 class BucketBatchSampler(Sampler):
@@ -264,7 +265,12 @@ def every_point(counts: list[int]) -> list:
 
 
 def few_points(counts: list[int]) -> list:
+    """Mid-epoch, the last batch of an epoch (inside the loop), after the loop, a later epoch."""
     return [(0, 2), (1, counts[1]), (1, "end"), (2, 1)]
+
+
+def worker_points(counts: list[int]) -> list:
+    return [(0, 2), (1, counts[1]), (1, "end")]
 
 
 MAP_KINDS = ["seq", "shuffle", "shuffle_gen", "dist0", "dist1", "buckets", "buckets_gen", "unbatched", "replacement"]
@@ -279,25 +285,25 @@ def test_resume_single_process_every_point(cls: str, kind: str) -> None:
         assert ref[0:n:2] != ref[n : 2 * n : 2]
 
 
-@pytest.mark.parametrize("kind", ["shuffle", "shuffle_gen", "dist1", "buckets"])
-@pytest.mark.parametrize("cls", CLASSES)
+@pytest.mark.parametrize("kind", ["shuffle", "buckets"])  # shuffle_gen, dist1: persistent test
+@pytest.mark.parametrize("cls", WORKER_CLASSES)
 def test_resume_two_workers(cls: str, kind: str) -> None:
-    check_contract(lambda: make_loader(LOADERS[cls], kind, 2), few_points, pristine=False)
+    check_contract(lambda: make_loader(LOADERS[cls], kind, 2), worker_points, pristine=False)
 
 
 @pytest.mark.parametrize("kind", ["shuffle", "shuffle_gen", "dist1"])
-@pytest.mark.parametrize("cls", CLASSES)
+@pytest.mark.parametrize("cls", WORKER_CLASSES)
 def test_resume_persistent_workers(cls: str, kind: str) -> None:
-    check_contract(lambda: make_loader(LOADERS[cls], kind, 2, persistent=True), few_points, pristine=False)
+    check_contract(lambda: make_loader(LOADERS[cls], kind, 2, persistent=True), worker_points, pristine=False)
 
 
-@pytest.mark.parametrize("nw", [0, 2])
 @pytest.mark.parametrize("kind", ["stream", "stateful_stream"])
-@pytest.mark.parametrize("cls", CLASSES)
+@pytest.mark.parametrize("cls,nw", [(c, 0) for c in CLASSES] + [(c, 2) for c in WORKER_CLASSES])
 def test_resume_iterable_dataset(cls: str, kind: str, nw: int) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        check_contract(lambda: make_loader(LOADERS[cls], kind, nw), few_points, pristine=nw == 0)
+        points = worker_points if nw else few_points
+        check_contract(lambda: make_loader(LOADERS[cls], kind, nw), points, pristine=nw == 0)
     fast_forwarded = any("fast-forward" in str(w.message) for w in caught)
     # the dataset's own state is used when it has one (the mixin: single-process only)
     assert fast_forwarded == (kind == "stream" or (cls != "torchdata" and nw > 0))
@@ -316,10 +322,11 @@ def test_skipped_samples_are_never_loaded(cls: str) -> None:
     assert sorted(loader.dataset.seen) == sorted(i - 100 for b in got for i in b.tolist())
 
 
-@pytest.mark.parametrize("nw", [0, 2])
-@pytest.mark.parametrize("cls", CLASSES)
+@pytest.mark.parametrize("cls,nw", [(c, 0) for c in CLASSES] + [(WORKER_CLASSES[-1], 2)])
 def test_resume_of_a_resumed_run(cls: str, nw: int) -> None:
-    factory = lambda: make_loader(LOADERS[cls], "shuffle", nw)  # noqa: E731
+    def factory():
+        return make_loader(LOADERS[cls], "shuffle", nw)
+
     ref, states, _ = reference(factory, save=True)
     blob, rng, pos = states[(0, 2)]
     _seed(5)
@@ -328,14 +335,19 @@ def test_resume_of_a_resumed_run(cls: str, nw: int) -> None:
     _set_rng(rng)
     seq: list = []
     saved = {}
-    for e in range(0, E):
-        _epoch(loader, None, e, seq, lambda e, k: saved.update(s=(_dump(loader.state_dict()), _rng(), len(seq))) if (e, k) == (1, 1) else None)
+
+    def save(e: int, k: int) -> None:
+        if (e, k) == (1, 1):
+            saved["s"] = (_dump(loader.state_dict()), _rng(), len(seq))
+
+    for e in range(E):
+        _epoch(loader, None, e, seq, save)
     assert seq == ref[pos:]
     blob2, rng2, pos2 = saved["s"]
     assert resumed(factory, (1, 1), blob2, rng2) == ref[pos + pos2 :]
 
 
-@pytest.mark.parametrize("cls", ["mixin", "fallback"])
+@pytest.mark.parametrize("cls", CLASSES)
 def test_state_loads_with_weights_only(cls: str) -> None:
     check_contract(lambda: make_loader(LOADERS[cls], "shuffle", 0), few_points, weights_only=True)
 
@@ -388,14 +400,22 @@ def test_contract_check_can_fail() -> None:
             check_contract(lambda: make_loader(data._StatefulDataLoader, "seq", 0), few_points)
 
 
-@pytest.mark.parametrize("rank", [0, 1])
+@pytest.mark.parametrize("rank,wrapped", [(0, False), (1, True)])
 @pytest.mark.parametrize("cls", CLASSES)
-def test_lightning_reinstantiation_with_distributed_sampler(cls: str, rank: int) -> None:
+def test_lightning_reinstantiation_with_distributed_sampler(cls: str, rank: int, wrapped: bool) -> None:
+    """Lightning re-calls the constructor to inject a DistributedSampler (DDP); ``wrapped``:
+    the loader was built inside a ``*_dataloader`` hook, where Lightning records its arguments."""
+    from lightning.fabric.utilities.data import _replace_dunder_methods
     from lightning.pytorch.utilities.combined_loader import CombinedLoader
     from lightning.pytorch.utilities.data import _update_dataloader
 
     def factory():
-        base, _ = make_loader(LOADERS[cls], "shuffle_gen", 0)
+        if wrapped:
+            with _replace_dunder_methods(DataLoader, "dataset"):
+                base, _ = make_loader(LOADERS[cls], "shuffle_gen", 0)
+            assert hasattr(base, "__pl_saved_args")
+        else:
+            base, _ = make_loader(LOADERS[cls], "shuffle_gen", 0)
         sampler = DistributedSampler(base.dataset, num_replicas=2, rank=rank, shuffle=True, seed=11)
         loader = _update_dataloader(base, sampler=sampler)
         assert type(loader) is type(base) and loader.generator is base.generator
@@ -404,37 +424,27 @@ def test_lightning_reinstantiation_with_distributed_sampler(cls: str, rank: int)
         return loader, sampler
 
     check_contract(factory, few_points)
-    loader, sampler = factory()
-    combined = CombinedLoader(loader, "max_size_cycle")
-    it = iter(combined)
-    next(it)
-    (state,) = combined._state_dicts()
-    fresh = CombinedLoader(factory()[0], "max_size_cycle")
-    fresh._load_state_dicts([_load(_dump(state))])
+    combined = CombinedLoader(factory()[0], "max_size_cycle")
+    iter(combined)
+    next(combined)
+    (state,) = combined._state_dicts()  # Lightning collects it as a stateful loader
+    CombinedLoader(factory()[0], "max_size_cycle")._load_state_dicts([_load(_dump(state))])
 
 
-def test_import_without_torchdata_falls_back() -> None:
-    code = (
-        "import sys; sys.modules['torchdata'] = None\n"
-        "import skyrl_callbacks.data as d\n"
-        "assert 'lightning' not in sys.modules\n"
-        "assert issubclass(d.ResumableDataLoader, d._MixinResumableDataLoader)\n"
-        "import torch\n"
-        "mk = lambda: d.ResumableDataLoader(torch.utils.data.TensorDataset(torch.arange(10)), batch_size=3,"
-        " shuffle=True)\n"
-        "torch.manual_seed(0); a = mk(); it = iter(a); next(it); s = a.state_dict(); r = torch.get_rng_state()\n"
-        "ref = [x[0].tolist() for x in it] + [torch.rand(1).item()]\n"
-        "torch.manual_seed(1); b = mk(); b.load_state_dict(s); torch.set_rng_state(r)\n"
-        "assert [x[0].tolist() for x in b] + [torch.rand(1).item()] == ref\n"
-        "print('ok')\n"
-    )
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+@pytest.mark.parametrize("kind", ["shuffle", "shuffle_gen", "dist0", "buckets"])
+def test_without_torchdata_resumable_falls_back_to_the_mixin(monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    """A fresh copy of the module, imported while torchdata cannot be imported."""
+    monkeypatch.setitem(sys.modules, "torchdata", None)
+    monkeypatch.setitem(sys.modules, "torchdata.stateful_dataloader", None)
+    spec = importlib.util.spec_from_file_location("_skyrl_data_without_torchdata", data.__file__)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module._StatefulDataLoader is None
+    assert issubclass(module.ResumableDataLoader, module._MixinResumableDataLoader)
+    check_contract(lambda: make_loader(module.ResumableDataLoader, kind, 0), every_point)
 
 
-@pytest.mark.parametrize("nw", [0, 2])
-@pytest.mark.parametrize("kind", ["shuffle", "shuffle_gen", "dist1", "buckets"])
+@pytest.mark.parametrize("kind,nw", [("shuffle", 0), ("shuffle_gen", 0), ("dist1", 0), ("buckets", 0), ("shuffle", 2)])
 def test_mixin_changes_nothing_for_plain_use(kind: str, nw: int) -> None:
     """Same batches and the same RNG draws as a plain DataLoader; temporaries work."""
     runs = []
@@ -448,3 +458,28 @@ def test_mixin_changes_nothing_for_plain_use(kind: str, nw: int) -> None:
         seq += [_plain(b) for b in make_loader(cls, kind, nw)[0]]  # the loader is a temporary
         runs.append(seq + [_draw()])
     assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("cls,nw", [(c, 0) for c in CLASSES] + [(c, 2) for c in WORKER_CLASSES])
+def test_state_between_iter_and_first_batch(cls: str, nw: int) -> None:
+    """The iterator exists (and drew its seed) but yielded nothing yet."""
+
+    def run(blob: Optional[bytes] = None, rng: Optional[tuple] = None) -> tuple[list, Any]:
+        _seed(1234 if blob is None else 999)
+        loader, _ = make_loader(LOADERS[cls], "shuffle", nw)
+        seq: list = []
+        if blob is None:
+            _epoch(loader, None, 0, seq)
+            it = iter(loader)
+            saved = (_dump(loader.state_dict()), _rng(), len(seq))
+        else:
+            loader.load_state_dict(_load(blob))
+            _set_rng(rng)
+            it, saved = iter(loader), None
+        for batch in it:
+            seq += [_plain(batch), _draw()]
+        _epoch(loader, None, 2, seq)
+        return seq, saved
+
+    ref, (blob, rng, pos) = run()
+    assert run(blob, rng)[0] == ref[pos:]
