@@ -65,6 +65,8 @@ def steps_to_delete(committed: Iterable[int], keep: int, protected: Iterable[int
     Returns:
         The steps to delete, ascending.
     """
+    if keep == 0:
+        raise ValueError("keep=0 would delete every checkpoint; use a positive number or -1 (keep all)")
     steps = sorted(set(int(s) for s in committed))
     if keep < 0 or len(steps) <= keep:
         return []

@@ -83,3 +83,8 @@ def test_needs_final_save(last, saved, expected):
 )
 def test_follow_commits_after_pointer(pointer, committed, parents, expected):
     assert rules.follow_commits_after_pointer(pointer, committed, parents) == expected
+
+
+def test_keep_zero_is_refused():
+    with pytest.raises(ValueError, match="keep=0"):
+        rules.steps_to_delete([1, 2], 0)
