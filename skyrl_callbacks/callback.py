@@ -39,6 +39,40 @@ logger = logging.getLogger(__name__)
 __all__ = ["SkyRLCheckpoint"]
 
 
+class _StepValue(int):
+    """``SkyRLCheckpoint.step``: the current step (an ``int``) that, called, ends an iteration
+    of a bound (Accelerate/plain) loop. Pickles and copies as a plain ``int``."""
+
+    def __new__(cls, value: int, owner: "SkyRLCheckpoint") -> "_StepValue":
+        obj = super().__new__(cls, value)
+        obj._owner = owner
+        return obj
+
+    def __call__(self, step: Optional[int] = None) -> Any:
+        """Call once after every completed training iteration of a bound loop."""
+        from skyrl_callbacks.integrations import accelerate as _acc
+
+        return _acc.step(self._owner, step)
+
+    def __reduce__(self) -> tuple:
+        return (int, (int(self),))
+
+    def __repr__(self) -> str:
+        return int.__repr__(self)
+
+
+class _StepAttribute:
+    """Data descriptor behind ``SkyRLCheckpoint.step``: stores a plain int, reads a :class:`_StepValue`."""
+
+    def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        if obj is None:
+            return self
+        return _StepValue(obj.__dict__.get("_step_count", 0), obj)
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj.__dict__["_step_count"] = int(value)
+
+
 class SkyRLCheckpoint(_CallbackBase):
     """Checkpoint a Lightning run the way SkyRL does, with exact resume.
 
@@ -138,7 +172,7 @@ class SkyRLCheckpoint(_CallbackBase):
             "hparams": dict(getattr(pl_module, "hparams", {}) or {}),
             "automatic_optimization": pl_module.automatic_optimization,
         }
-        return {"framework": "lightning", "lightning": lightning_state, "skyrl_step": self.step}, data_state
+        return {"framework": "lightning", "lightning": lightning_state, "skyrl_step": int(self.step)}, data_state
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
@@ -159,7 +193,16 @@ class SkyRLCheckpoint(_CallbackBase):
         loop_sd = copy.deepcopy(lt.get("fit_loop"))
         if loop_sd is not None:
             if isinstance(state.data_state, list):
-                loop_sd.setdefault("state_dict", {})["combined_loader"] = state.data_state
+                data_states = state.data_state
+                if (loop_sd.get("epoch_loop.batch_progress") or {}).get("is_last_batch"):
+                    # Saved on the last batch of an epoch: Lightning restarts with the next epoch
+                    # and uses the iterator it creates right away, so the loader must start that
+                    # epoch (not yield the empty rest of this one, which would skip an epoch).
+                    from skyrl_callbacks.data import finish_epoch_state
+
+                    next_epoch = int(lt.get("epoch", 0)) + 1
+                    data_states = [finish_epoch_state(s, next_epoch) for s in data_states]
+                loop_sd.setdefault("state_dict", {})["combined_loader"] = data_states
             trainer.fit_loop.load_state_dict(loop_sd)
         by_key = {cb.state_key: cb for cb in trainer.callbacks}
         for key, cb_state in (lt.get("callbacks") or {}).items():
@@ -173,6 +216,8 @@ class SkyRLCheckpoint(_CallbackBase):
         self.step = int(state.trainer_state.get("skyrl_step", state.step))
         self._last_global_step = trainer.global_step
         self.resumed_step = self.step
+        # RNG states go back before Lightning creates the train iterator: at an epoch boundary
+        # that iterator starts the next epoch and must draw what the original run drew there.
         if state.rng is not None:
             restore_rng(state.rng)
         if trainer.is_global_zero:
@@ -234,11 +279,10 @@ class SkyRLCheckpoint(_CallbackBase):
 
         return _acc.bind(self, accelerator, **roles_and_state)
 
-    def step(self, step: Optional[int] = None) -> Any:
-        """Call once after every completed training iteration of a bound loop."""
-        from skyrl_callbacks.integrations import accelerate as _acc
-
-        return _acc.step(self, step)
+    #: The current SkyRL step (an ``int``); *called* in a bound loop, ``ckpt.step()`` ends an
+    #: iteration: it counts it and saves/exports when the intervals say so (see
+    #: :func:`skyrl_callbacks.integrations.accelerate.step`).
+    step = _StepAttribute()
 
     def finish(self) -> Any:
         """Call once at the end of a bound loop: final checkpoint and export."""
@@ -248,17 +292,29 @@ class SkyRLCheckpoint(_CallbackBase):
 
     # ------------------------------------------------------------------ callback state
     def state_dict(self) -> dict:
-        return {"step": self.step}
+        return {"step": int(self.step)}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.step = int(state_dict.get("step", self.step))
 
 
-def _print_summary(trainer: "pl.Trainer", result: SaveResult, seconds: float) -> None:
-    _announce(
+def summary_line(result: SaveResult, seconds: float) -> str:
+    """The one-line summary of a save: ``[skyrl-ckpt] step N: X MB in S s (G GB/s) -> path``."""
+    return (
         f"[skyrl-ckpt] step {result.step}: {result.bytes / 1e6:.1f} MB in {seconds:.2f} s "
         f"({result.gbps:.2f} GB/s) -> {result.path}"
     )
+
+
+def _print_summary(trainer: "pl.Trainer", result: SaveResult, seconds: float) -> None:
+    line = summary_line(result, seconds)
+    bar = getattr(trainer, "progress_bar_callback", None)
+    tqdm_bar = getattr(bar, "_train_progress_bar", None) if getattr(bar, "is_enabled", False) else None
+    if tqdm_bar is not None and not getattr(tqdm_bar, "disable", True):
+        logger.debug(line)
+        tqdm_bar.write(line)  # above Lightning's live progress bar instead of through it
+        return
+    _announce(line)
 
 
 def _announce(line: str) -> None:

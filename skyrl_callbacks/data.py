@@ -2,8 +2,9 @@
 
 * :class:`DataLoaderStateMixin`: ``class MyLoader(DataLoaderStateMixin, DataLoader)`` gets
   ``state_dict()``/``load_state_dict()``; needs only torch.
-* :class:`ResumableDataLoader`: drop-in ``DataLoader`` (same constructor). Engine: torchdata's
-  ``StatefulDataLoader`` when importable (wrapped to honour the RNG contract), else the mixin.
+* :class:`ResumableDataLoader`: drop-in ``DataLoader`` (same constructor), the mixin's engine.
+* :class:`TorchdataResumableDataLoader`: the same contract on torchdata's ``StatefulDataLoader``
+  (when torchdata is installed); not exact for mid-epoch resumes under Lightning DDP.
 
 Contract: after ``k`` batches of an epoch take ``S = loader.state_dict()`` and the global RNG
 states (torch, ``random``, numpy). A fresh loader built with the same arguments (fresh
@@ -58,7 +59,7 @@ except Exception:  # torchdata absent or broken: fall back to the mixin engine
     _StatefulDataLoader = None
     _td_module = None
 
-__all__ = ["DataLoaderStateMixin", "ResumableDataLoader"]
+__all__ = ["DataLoaderStateMixin", "ResumableDataLoader", "TorchdataResumableDataLoader", "finish_epoch_state"]
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +147,32 @@ def _warn_fast_forward(loader: Any, n: int) -> None:
         UserWarning,
         stacklevel=3,
     )
+
+
+def finish_epoch_state(state: Any, next_epoch: Optional[int] = None) -> Any:
+    """The same loader state, as if its epoch's iterator had been run to exhaustion.
+
+    A trainer that resumes on the last batch of an epoch (Lightning does: it never pulls
+    past ``len`` batches of a sized loader) expects the next ``iter()`` to start the next
+    epoch, not to yield the empty rest of this one. ``next_epoch``, when given, is set on
+    the samplers (``DistributedSampler.epoch``) before that epoch's order is drawn, which
+    matters with ``num_workers > 0`` where the order is drawn eagerly at ``iter()``.
+    States of other loaders are returned unchanged.
+    """
+    if not isinstance(state, Mapping) or state.get("format") != _FORMAT or state.get("fresh"):
+        return state
+    out = dict(state)
+    out["done"] = True
+    if next_epoch is not None:
+        out["next_epoch"] = int(next_epoch)
+    return out
+
+
+def _set_next_epoch(loader: Any, state: Mapping[str, Any]) -> None:
+    epoch = state.get("next_epoch")
+    if epoch is not None:
+        for holder in _epoch_holders(loader):
+            holder.epoch = epoch
 
 
 # ------------------------------------------------------------------------ state plumbing
@@ -329,6 +356,7 @@ class DataLoaderStateMixin:
             loader.dataset.load_state_dict(dataset_state)
         _set_gens(loader, state["gens"])
         if state.get("fresh") or state["done"]:
+            _set_next_epoch(loader, state)
             if dataset_state is not None:  # let the dataset see its resumed end first
                 for _ in self._rs_start(_Record(), rewind=True):
                     logger.warning("%s: a finished dataset yielded a batch on resume", type(self).__name__)
@@ -410,11 +438,12 @@ class _MixinResumableDataLoader(DataLoaderStateMixin, DataLoader):
 if _StatefulDataLoader is not None:
     _FINISHED = getattr(_td_module, "_ITERATOR_FINISHED", "_iterator_finished")
 
-    class ResumableDataLoader(_StatefulDataLoader):  # type: ignore[misc, valid-type]
-        """Drop-in ``DataLoader`` (same constructor) with exact ``state_dict``/``load_state_dict``.
+    class TorchdataResumableDataLoader(_StatefulDataLoader):  # type: ignore[misc, valid-type]
+        """torchdata's ``StatefulDataLoader`` with the exact-resume RNG contract of this module.
 
-        Engine: torchdata's ``StatefulDataLoader``, wrapped so that a resume replays the RNG
-        of the interrupted epoch and never consumes the caller's. See the module docstring.
+        Prefer :class:`ResumableDataLoader` under Lightning DDP: Lightning wraps torchdata's own
+        ``RandomSampler`` in a ``DistributedSamplerWrapper`` whose order a mid-epoch resume does
+        not reproduce. Useful for ``IterableDataset`` pipelines with worker processes.
         """
 
         _rs_rec: Optional[_Record] = None
@@ -489,6 +518,7 @@ if _StatefulDataLoader is not None:
                 return it
             for _ in it:  # exhausted when saved: nothing is left
                 logger.warning("%s: a finished iterator yielded a batch on resume", type(self).__name__)
+            _set_next_epoch(self, state)
             return self._rs_fresh()
 
         def _rs_fresh(self) -> Iterator[Any]:
@@ -496,10 +526,13 @@ if _StatefulDataLoader is not None:
             return super().__iter__()
 
 else:
+    TorchdataResumableDataLoader = None  # type: ignore[assignment,misc]
 
-    class ResumableDataLoader(_MixinResumableDataLoader):  # type: ignore[no-redef]
-        """Drop-in ``DataLoader`` (same constructor) with exact ``state_dict``/``load_state_dict``.
 
-        Engine: :class:`DataLoaderStateMixin` (torchdata is not importable). See the module
-        docstring.
-        """
+class ResumableDataLoader(_MixinResumableDataLoader):
+    """Drop-in ``DataLoader`` (same constructor) with exact ``state_dict``/``load_state_dict``.
+
+    Engine: :class:`DataLoaderStateMixin`, which replays each epoch's sampler order at the
+    index level and works with Lightning's ``DistributedSampler`` injection under DDP. See
+    the module docstring; :class:`TorchdataResumableDataLoader` is the torchdata-based variant.
+    """

@@ -8,15 +8,19 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional, Sequence
 
 import torch
 
 SCRIPT = Path(__file__).parent / "scripts" / "train_lightning.py"
 
 
-def run_script(workdir: Path, name: str, args: list[str], *, expect_kill: bool = False, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_script(workdir: Path, name: str, args: list[str], *, expect_kill: bool = False, timeout: int = 300,
+               ckpt_path: Optional[str] = None) -> subprocess.CompletedProcess:
+    """``ckpt_path``: a URL (s3://, gs://) instead of the local ``{workdir}/{name}/ckpts``; pass
+    ``--storage-options JSON`` in ``args`` for its endpoint/credentials."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", PL_DISABLE_FORK="1")
-    cmd = [sys.executable, str(SCRIPT), "--ckpt-path", str(workdir / name / "ckpts"),
+    cmd = [sys.executable, str(SCRIPT), "--ckpt-path", ckpt_path or str(workdir / name / "ckpts"),
            "--log", str(workdir / name / "batches"), "--out", str(workdir / name / "final.pt"), *args]
     (workdir / name).mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, start_new_session=True)
@@ -60,12 +64,17 @@ def straight_run(cache_dir: Path, args: list[str]) -> Path:
     return _STRAIGHT_CACHE[key]
 
 
-def check_exact_resume(tmp_path: Path, cache_dir: Path, args: list[str], kill_at: int, expect_resume: int, ranks: int = 1) -> str:
-    """Straight run vs SIGKILL at ``kill_at`` + rerun: everything bitwise equal. Returns the rerun's output."""
+def check_exact_resume(tmp_path: Path, cache_dir: Path, args: list[str], kill_at: int, expect_resume: int, ranks: int = 1,
+                       ckpt_args: Sequence[str] = (), ckpt_path: Optional[str] = None) -> str:
+    """Straight run vs SIGKILL at ``kill_at`` + rerun: everything bitwise equal. Returns the rerun's output.
+
+    ``ckpt_path``/``ckpt_args`` (e.g. a cloud URL and ``--storage-options``) apply to the
+    killed and resumed runs only; the straight reference run stays local."""
     ref = straight_run(cache_dir, args)
-    run_script(tmp_path, "crashed", args + ["--kill-at-step", str(kill_at)], expect_kill=True)
+    crash_args = list(args) + list(ckpt_args)
+    run_script(tmp_path, "crashed", crash_args + ["--kill-at-step", str(kill_at)], expect_kill=True, ckpt_path=ckpt_path)
     first = {r: len(read_batches(tmp_path / "crashed" / "batches", r)) for r in range(ranks)}
-    proc = run_script(tmp_path, "crashed", args)
+    proc = run_script(tmp_path, "crashed", crash_args, ckpt_path=ckpt_path)
     out = proc.stdout + proc.stderr
     assert f"continuing at step {expect_resume + 1}" in out, out[-3000:]
     a = torch.load(ref / "final.pt", weights_only=False)

@@ -42,9 +42,9 @@ class BrokenLoader(DataLoaderStateMixin, DataLoader):
         pass
 
 
-LOADERS: dict[str, type] = {"mixin": UserLoader, "fallback": data._MixinResumableDataLoader}
+LOADERS: dict[str, type] = {"mixin": UserLoader, "fallback": ResumableDataLoader}
 if HAS_TORCHDATA:
-    LOADERS["torchdata"] = ResumableDataLoader
+    LOADERS["torchdata"] = data.TorchdataResumableDataLoader
 CLASSES = list(LOADERS)
 # Worker-process tests are the slow ones; the fallback engine is the mixin on a plain
 # DataLoader, so there it only runs when it is the ResumableDataLoader (no torchdata).
@@ -439,7 +439,7 @@ def test_without_torchdata_resumable_falls_back_to_the_mixin(monkeypatch: pytest
     spec = importlib.util.spec_from_file_location("_skyrl_data_without_torchdata", data.__file__)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert module._StatefulDataLoader is None
+    assert module._StatefulDataLoader is None and module.TorchdataResumableDataLoader is None
     assert issubclass(module.ResumableDataLoader, module._MixinResumableDataLoader)
     check_contract(lambda: make_loader(module.ResumableDataLoader, kind, 0), every_point)
 

@@ -21,8 +21,8 @@ B = ["--steps", "16", "--interval", "5"]
 
 CASES = [
     # (id, args, (kill_at, resumes_at), ranks)
-    ("manual-w0-global-mid", B + ["--manual", "--shuffle", "global"], MID, 1),
-    ("manual-w0-global-boundary", B + ["--manual", "--shuffle", "global"], BOUNDARY, 1),
+    ("manual-torchdata-w0-global-mid", B + ["--manual", "--shuffle", "global", "--loader", "torchdata"], MID, 1),
+    ("manual-torchdata-w0-global-boundary", B + ["--manual", "--shuffle", "global", "--loader", "torchdata"], BOUNDARY, 1),
     ("manual-w2-generator-mid", B + ["--manual", "--shuffle", "generator", "--num-workers", "2"], MID, 1),
     ("manual-w2-generator-boundary", B + ["--manual", "--shuffle", "generator", "--num-workers", "2"], BOUNDARY, 1),
     # gradient accumulation: step 3 = 6 batches (mid-epoch); only accumulation boundaries save

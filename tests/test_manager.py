@@ -212,3 +212,29 @@ def test_missing_role_dir_is_a_clear_error(tmp_path):
     _, roles = make_roles()
     with pytest.raises(IncompatibleCheckpointError, match="critic"):
         CheckpointManager(cfg(tmp_path)).resume(roles)
+
+
+def test_role_names_can_be_overridden(tmp_path):
+    from skyrl_callbacks import ConfigError
+
+    m = nn.Module()
+    m.actor = nn.Linear(2, 2)
+    m.value_model = nn.Linear(2, 1)
+    roles = discover_roles(m, {"policy": "actor", "critic": "value_model"})
+    assert [(r.name, r.model) for r in roles] == [("policy", m.actor), ("critic", m.value_model)]
+    CheckpointManager(cfg(tmp_path)).save(1, roles)
+    assert (tmp_path / "ckpts" / "global_step_1" / "critic" / "model_state.pt").is_file()
+    with pytest.raises(ConfigError, match="'actr'"):
+        discover_roles(m, {"policy": "actr"})
+    m.not_a_module = 3
+    with pytest.raises(ConfigError, match="not_a_module"):
+        discover_roles(m, {"policy": "not_a_module"})
+
+
+def test_one_optimizer_spanning_roles_goes_to_policy():
+    m = Module()
+    roles = discover_roles(m)
+    opt = torch.optim.SGD(list(m.policy.parameters()) + list(m.critic.parameters()), lr=0.1)
+    assign_optimizers(roles, [opt], [])
+    by = {r.name: r for r in roles}
+    assert by["policy"].optimizers == [opt] and by["critic"].optimizers == []

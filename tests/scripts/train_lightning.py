@@ -98,7 +98,7 @@ def main() -> None:
     p.add_argument("--kill-at-step", type=int, default=-1)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--shuffle", choices=["none", "global", "generator"], default="global")
-    p.add_argument("--loader", choices=["resumable", "mixin", "plain"], default="resumable")
+    p.add_argument("--loader", choices=["resumable", "torchdata", "mixin", "plain"], default="resumable")
     p.add_argument("--samples", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--devices", type=int, default=1)
@@ -107,6 +107,7 @@ def main() -> None:
     p.add_argument("--log", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--storage-options", default=None, help="JSON dict of fsspec options (cloud ckpt paths)")
     args = p.parse_args()
 
     pl.seed_everything(args.seed, workers=True)
@@ -117,6 +118,10 @@ def main() -> None:
         kwargs["generator"] = torch.Generator().manual_seed(77)
     if args.loader == "plain":
         loader = DataLoader(ds, **kwargs)
+    elif args.loader == "torchdata":
+        from skyrl_callbacks.data import TorchdataResumableDataLoader
+
+        loader = TorchdataResumableDataLoader(ds, **kwargs)
     elif args.loader == "resumable":
         from skyrl_callbacks import ResumableDataLoader
 
@@ -132,6 +137,8 @@ def main() -> None:
     module = RLModule(args.manual, args.log)
     cfg = {"ckpt_interval": args.interval, "ckpt_path": args.ckpt_path, "max_ckpts_to_keep": args.keep,
            "hf_save_interval": args.hf_interval, "export_path": args.export_path or args.ckpt_path + "_export"}
+    if args.storage_options:
+        cfg["storage_options"] = json.loads(args.storage_options)
     callbacks = [SkyRLCheckpoint(cfg)]
     if args.kill_at_step > 0:
         callbacks.append(KillAt(args.kill_at_step))
