@@ -1,13 +1,19 @@
-"""Benchmark: ``skyrl_callbacks.cloud.upload_dir`` vs plain ``s3fs.put(recursive=True)``.
+"""Benchmark: the checkpoint manager's S3 upload path vs plain ``s3fs.put(recursive=True)``.
 
 Starts its own moto S3 server on 127.0.0.1, builds a checkpoint-like directory (a few
 large shards plus small files), then uploads it alternately with
 
 * ``raw``:  ``s3fs.S3FileSystem.put(local_dir, remote, recursive=True)``
-* ``ours``: ``upload_dir(fs, local_dir, remote)``
+* ``ours``: ``Storage(s3://...).upload_files(local_dir, remote, files)`` -- exactly the call
+  :class:`~skyrl_callbacks.CheckpointManager` makes in the upload phase of a staged save
+  (concurrent files, multipart parts, per-file retries; ``skyrl_callbacks.cloud.upload_files``)
 
 for ``--rounds`` rounds (the order alternates each round), verifies every upload, and
 prints the median time, MB/s and the ratio ours/raw (throughput; > 1 means faster).
+
+Then (unless ``--no-manager``) it times whole ``CheckpointManager.save`` calls of a model
+whose weights + AdamW state are about the tree's size, with ``cloud_upload="staged"`` and
+``"stream"`` (write, checksum, upload, manifest, pointer), alternating the same way.
 
 Run from the repository root::
 
@@ -78,6 +84,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="rounds (each uploads both ways)")
     ap.add_argument("--concurrency", type=int, default=8, help="upload_dir max_concurrency")
     ap.add_argument("--workdir", default=None, help="where to build the tree (default: tmp)")
+    ap.add_argument("--no-manager", action="store_true", help="skip the CheckpointManager.save rounds")
     args = ap.parse_args(argv)
     if args.rounds < 1:
         ap.error("--rounds must be >= 1")
@@ -86,7 +93,7 @@ def main(argv=None) -> int:
         os.environ.setdefault(k, v)
     import fsspec
 
-    from skyrl_callbacks.cloud import upload_dir
+    from skyrl_callbacks.storage import Storage
 
     work = tempfile.mkdtemp(prefix="bench-s3-", dir=args.workdir)
     server = MotoS3Server()
@@ -106,18 +113,22 @@ def main(argv=None) -> int:
         def raw(prefix: str) -> None:
             fs.put(local, prefix, recursive=True)
 
-        def ours(prefix: str) -> None:
-            upload_dir(fs, local, prefix, max_concurrency=args.concurrency)
+        storage = Storage(f"s3://{bucket}", server.storage_options, upload_concurrency=args.concurrency)
+        rels = sorted(want)
 
-        methods = {"raw s3fs.put": raw, "ours upload_dir": ours}
+        def ours(prefix: str) -> None:
+            storage.upload_files(local, f"s3://{prefix}", rels)
+
+        methods = {"raw s3fs.put": raw, "ours upload_files": ours}
         times: dict[str, list[float]] = {m: [] for m in methods}
+        cpu: dict[str, list[float]] = {m: [] for m in methods}
         for r in range(args.rounds):
             order = list(methods) if r % 2 == 0 else list(methods)[::-1]
             for name in order:
                 prefix = f"{bucket}/r{r}-{name.split()[0]}"
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 methods[name](prefix)
-                dt = time.perf_counter() - t0
+                dt, dc = time.perf_counter() - t0, time.process_time() - c0
                 fs.invalidate_cache()
                 got = {
                     p[len(prefix) + 1 :]: info["size"]
@@ -127,23 +138,74 @@ def main(argv=None) -> int:
                     raise SystemExit(f"{name}: uploaded tree differs from the local one")
                 fs.rm(prefix, recursive=True)  # keep moto's memory flat
                 times[name].append(dt)
-                print(f"  round {r + 1} {name:<16} {dt:7.3f}s  {total / MiB / dt:8.1f} MiB/s", flush=True)
+                cpu[name].append(dc)
+                print(f"  round {r + 1} {name:<16} {dt:7.3f}s  {total / MiB / dt:8.1f} MiB/s  client CPU {dc:6.3f}s",
+                      flush=True)
 
         med = {m: statistics.median(v) for m, v in times.items()}
         raw_tp = total / MiB / med["raw s3fs.put"]
         print()
-        print(f"{'method':<18}{'median s':>10}{'min s':>9}{'max s':>9}{'MiB/s':>9}{'ours/raw':>10}")
+        print(f"{'method':<18}{'median s':>10}{'min s':>9}{'max s':>9}{'MiB/s':>9}{'ours/raw':>10}{'client CPU s':>14}")
         for m, v in times.items():
             tp = total / MiB / med[m]
             print(
                 f"{m:<18}{med[m]:>10.3f}{min(v):>9.3f}{max(v):>9.3f}{tp:>9.1f}{tp / raw_tp:>9.2f}x"
+                f"{statistics.median(cpu[m]):>14.3f}"
             )
-        ratio = med["raw s3fs.put"] / med["ours upload_dir"]
+        ratio = med["raw s3fs.put"] / med["ours upload_files"]
         print(f"\nthroughput ratio ours/raw (median): {ratio:.2f}x (goal >= 0.90x)")
+        if not args.no_manager:
+            bench_manager(server, bucket, total, args.rounds, work)
         return 0
     finally:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def bench_manager(server, bucket: str, total: int, rounds: int, work: str) -> None:
+    """Whole ``CheckpointManager.save`` calls, staged vs stream, of a model of ~``total`` bytes."""
+    import torch
+    from torch import nn
+
+    from skyrl_callbacks import CheckpointManager
+    from skyrl_callbacks.roles import Role
+
+    torch.manual_seed(0)
+    # weights + AdamW's two moments = 3 x weights ~ total; 4 layers -> 4 tensors per file
+    width = max(256, int((total / 3 / 4 / 4) ** 0.5))
+    model = nn.Sequential(*[nn.Linear(width, width, bias=False) for _ in range(4)])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(2, width)).sum().backward()
+    opt.step()
+    roles = [Role("policy", model, [opt])]
+    times: dict[str, list[float]] = {"staged": [], "stream": []}
+    cpu: dict[str, list[float]] = {"staged": [], "stream": []}
+    managers = {
+        mode: CheckpointManager(dict(
+            ckpt_path=f"s3://{bucket}/mgr-{mode}", storage_options=server.storage_options, cloud_upload=mode,
+            max_ckpts_to_keep=1, cloud_staging_dir=os.path.join(work, "stage"),
+        ))
+        for mode in times
+    }
+    for mgr in managers.values():  # warm-up (imports, connections), not timed
+        mgr.save(0, [Role("policy", nn.Linear(4, 4))])
+    nbytes = 0
+    for r in range(rounds):
+        order = ["staged", "stream"] if r % 2 == 0 else ["stream", "staged"]
+        for mode in order:
+            t0, c0 = time.perf_counter(), time.process_time()
+            res = managers[mode].save(r + 1, roles)
+            dt = time.perf_counter() - t0
+            cpu[mode].append(time.process_time() - c0)
+            nbytes = res.bytes
+            times[mode].append(dt)
+            print(f"  round {r + 1} save {mode:<7} {dt:7.3f}s  {res.bytes / MiB / dt:8.1f} MiB/s", flush=True)
+    med = {m: statistics.median(v) for m, v in times.items()}
+    print(f"\nCheckpointManager.save of {nbytes / MiB:.1f} MiB (policy weights + AdamW state), {rounds} rounds")
+    print(f"{'mode':<18}{'median s':>10}{'min s':>9}{'max s':>9}{'MiB/s':>9}{'client CPU s':>14}")
+    for m, v in times.items():
+        print(f"{m:<18}{med[m]:>10.3f}{min(v):>9.3f}{max(v):>9.3f}{nbytes / MiB / med[m]:>9.1f}"
+              f"{statistics.median(cpu[m]):>14.3f}")
 
 
 if __name__ == "__main__":

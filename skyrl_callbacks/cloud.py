@@ -5,8 +5,10 @@ made robust and fast:
 
 * :func:`retrying` -- call a function with exponential backoff and jitter on transient
   errors (5xx, S3 ``SlowDown``/throttling, connection resets, timeouts), within a deadline;
-* :func:`upload_dir` -- upload a staged local directory, many files at a time, large
-  files as multipart uploads, each file retried on its own;
+* :func:`upload_files` / :func:`upload_dir` -- upload staged local files (a list, or a
+  whole directory), many files at a time, large files as multipart uploads, each file
+  retried on its own; the checkpoint manager uploads each rank's files with
+  :func:`upload_files` (through ``Storage.upload_files``);
 * :func:`download_files` -- the same for downloads, atomically per file;
 * :func:`copy_delete_move` -- a move that is a server-side copy followed by a delete on
   object stores (some stores and emulators have no ``mv``: the GCS emulator answers 501);
@@ -16,7 +18,7 @@ made robust and fast:
 Stage locally, then upload (the default) versus streaming
 ---------------------------------------------------------
 A checkpoint is written as ``torch.save``/DCP files into a local staging directory and
-then uploaded with :func:`upload_dir`. Streaming each file straight to the object store
+then uploaded with :func:`upload_files` (``cloud_upload: "staged"``). Streaming each file straight to the object store
 (:func:`open_for_write`) is the alternative; staging is the default because:
 
 * **Retries are possible.** A staged file can be re-read, so a failed request is retried
@@ -31,8 +33,9 @@ then uploaded with :func:`upload_dir`. Streaming each file straight to the objec
   release the training loop early; they do many small writes and seeks that suit a local
   file and not an HTTP stream.
 
-Streaming is for hosts without enough local disk for one checkpoint; its limits are
-described in :func:`open_for_write`.
+Streaming (``cloud_upload: "stream"``) is for hosts without enough local disk for one
+checkpoint; its limits are described in :func:`open_for_write`. docs/cloud.md has both
+modes, the commit protocol and benchmark numbers.
 
 Only ``fsspec`` is needed to import this module; ``botocore``, ``aiohttp`` and ``gcsfs``
 exception types are recognised only when those packages are already imported.
@@ -60,6 +63,7 @@ __all__ = [
     "retrying",
     "is_transient",
     "upload_dir",
+    "upload_files",
     "download_files",
     "copy_delete_move",
     "open_for_write",
@@ -501,38 +505,74 @@ def upload_dir(
     local_dir = os.fspath(local_dir)
     if not os.path.isdir(local_dir):
         raise FileNotFoundError(errno.ENOENT, "upload_dir: no such local directory", local_dir)
-    files = sorted(_walk_files(local_dir), key=lambda f: -f[2])
+    files = _walk_files(local_dir)
+    sizes = upload_files(
+        fs,
+        [(full, _join(remote_prefix, rel)) for rel, full, _size in files],
+        max_concurrency=max_concurrency,
+        multipart_threshold=multipart_threshold,
+        chunk_size=chunk_size,
+        part_concurrency=part_concurrency,
+        deadline_s=deadline_s,
+    )
+    with contextlib.suppress(Exception):
+        fs.invalidate_cache(remote_prefix)
+    by_remote = {_join(remote_prefix, rel): rel for rel, _full, _size in files}
+    return {by_remote[r]: n for r, n in sorted(sizes.items(), key=lambda kv: by_remote[kv[0]])}
 
-    def task(rel: str, full: str, size: int):
-        rpath = _join(remote_prefix, rel)
+
+def upload_files(
+    fs: Any,
+    pairs: Union[Mapping[str, str], Iterable[tuple[str, str]]],
+    *,
+    max_concurrency: int = 8,
+    multipart_threshold: int = DEFAULT_MULTIPART_THRESHOLD,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    part_concurrency: int = DEFAULT_PART_CONCURRENCY,
+    deadline_s: float = 120,
+) -> dict[str, int]:
+    """Upload ``{local path: remote path}`` concurrently; the engine behind :func:`upload_dir`.
+
+    Files go largest first, ``max_concurrency`` at a time, each retried as a whole with
+    :func:`retrying`; multipart/resumable uploads as described in :func:`upload_dir`. The
+    checkpoint manager uses this directly to upload exactly the files one rank wrote.
+
+    Returns:
+        ``{remote path: size in bytes}``.
+
+    Raises:
+        StorageError: a file could not be uploaded within its deadline.
+        FileNotFoundError: a local file (or the bucket) does not exist.
+    """
+    items = list(pairs.items()) if isinstance(pairs, Mapping) else list(pairs)
+    files = sorted(((os.fspath(l), r, os.path.getsize(l)) for l, r in items), key=lambda f: -f[2])
+
+    def task(full: str, rpath: str, size: int):
         kwargs = _put_kwargs(fs, size, multipart_threshold, chunk_size, part_concurrency)
 
         def put() -> None:
             fs.put_file(full, rpath, **kwargs)
 
         retrying(put, what=f"upload {full} -> {rpath}", deadline_s=deadline_s)
-        return rel, size
+        return rpath, size
 
     t0 = time.monotonic()
     results = _run_all(
-        [(rel, (lambda r=rel, f=full, s=size: task(r, f, s))) for rel, full, size in files],
+        [(r, (lambda f=full, r=r, s=size: task(f, r, s))) for full, r, size in files],
         max_concurrency,
         "upload",
     )
-    with contextlib.suppress(Exception):
-        fs.invalidate_cache(remote_prefix)
     sizes = dict(results)
     total = sum(sizes.values())
     dt = time.monotonic() - t0
     logger.debug(
-        "uploaded %d files, %.1f MiB to %s in %.2fs (%.1f MiB/s)",
+        "uploaded %d files, %.1f MiB in %.2fs (%.1f MiB/s)",
         len(sizes),
         total / MiB,
-        remote_prefix,
         dt,
         total / MiB / dt if dt > 0 else float("inf"),
     )
-    return {rel: sizes[rel] for rel, _, _ in sorted(files)}
+    return sizes
 
 
 def download_files(

@@ -32,6 +32,7 @@ from skyrl_callbacks.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
     IncompatibleCheckpointError,
+    StorageError,
 )
 from skyrl_callbacks.manifest import build_manifest, checksum_algo, read_manifest, verify_dir
 from skyrl_callbacks.rng import capture_rng
@@ -140,6 +141,8 @@ class CheckpointManager:
     def read_pointer(self) -> Optional[int]:
         try:
             return rules.parse_pointer(self.storage.read_text(self.pointer_path))
+        except StorageError:
+            raise  # the store kept failing: not the same as "no pointer"
         except (FileNotFoundError, OSError, UnicodeDecodeError):
             return None
 
@@ -275,7 +278,7 @@ class CheckpointManager:
         nbytes = dist.run_on_main("commit", commit)
         nbytes = dist.broadcast(nbytes)
         self.last_saved_step = step
-        dist.run_on_main("retention", lambda: self._retention(step))
+        dist.run_on_main("retention", lambda: self._retention_after_commit(step))
         total = time.perf_counter() - t0
         result = SaveResult(
             step=step,
@@ -349,6 +352,17 @@ class CheckpointManager:
 
             shutil.rmtree(local, ignore_errors=True)
         return [f"{rel_prefix}/{n}" for n in names]
+
+    def _retention_after_commit(self, step: int) -> None:
+        """Retention once ``step`` is committed: an object store that keeps failing here does
+        not fail the save (the checkpoint is published); the next save retries the cleanup."""
+        try:
+            self._retention(step)
+        except StorageError as exc:
+            logger.warning(
+                "retention after global_step_%d failed (%s); old checkpoints and leftovers are kept "
+                "and removed after a later save", step, exc,
+            )
 
     def _retention(self, step: int) -> None:
         committed = self.committed_steps()

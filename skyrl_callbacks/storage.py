@@ -7,26 +7,50 @@ Paths stay ``str`` URLs end to end (``pathlib.Path("s3://b/k")`` silently become
   fsync every file and directory, then one atomic ``rename``;
 * object stores (no rename): write in place, and commit by writing the manifest last.
   A directory without a manifest is invisible to resume, retention and listing.
+
+On object stores every request goes through :func:`skyrl_callbacks.cloud.retrying`
+(backoff on 5xx/SlowDown/resets, bounded by ``retry_deadline_s``), so a failure that
+persists surfaces as :class:`~skyrl_callbacks.errors.StorageError`. Reads download the
+file once (``cat``/``get``, retried) instead of issuing many small ranged reads; writes go
+through a streaming writer that aborts (never commits a truncated object) on error and
+records the size and checksum of what it wrote, so the manifest needs no read-back.
+Staged saves write into a local directory (:func:`make_local_stage`) and upload it with
+:meth:`Storage.upload_files` (concurrent, multipart).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 import posixpath
+import re
+import shutil
+import socket
+import tempfile
 import uuid
-from typing import IO, Any, Iterable, Optional
+from typing import IO, Any, Callable, Iterable, Optional, TypeVar
 
 from skyrl_callbacks.errors import MissingDependencyError, StorageError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Storage", "MANIFEST_FILE", "TMP_PREFIX", "TRASH_PREFIX"]
+__all__ = ["Storage", "MANIFEST_FILE", "TMP_PREFIX", "TRASH_PREFIX", "make_local_stage", "remove_local_stage"]
+
+T = TypeVar("T")
 
 MANIFEST_FILE = "skyrl_manifest.json"
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
+#: Local staging directories of cloud saves: ``skyrl-stage-<host>-<pid>-<token>-r<rank>``.
+LOCAL_STAGE_PREFIX = "skyrl-stage-"
+#: Files up to this size are read into memory; larger ones are downloaded to a temp file.
+READ_IN_MEMORY_MAX = 64 << 20
+#: Default retry budget of one object-store operation, in seconds.
+DEFAULT_RETRY_DEADLINE_S = 120.0
+#: Default number of files one rank uploads at once.
+DEFAULT_UPLOAD_CONCURRENCY = 8
 
 _PROTOCOL_EXTRAS = {
     "s3": ("s3fs", "s3"),
@@ -49,18 +73,44 @@ class Storage:
 
     Args:
         url: local path or fsspec URL (``s3://``, ``gs://``, ``gcs://``, ``memory://``...).
-        storage_options: keyword arguments for the fsspec filesystem.
+        storage_options: keyword arguments for the fsspec filesystem (endpoint,
+            credentials, region...); the backends also read their usual environment
+            variables (``AWS_*``, ``GOOGLE_APPLICATION_CREDENTIALS``...).
+        local_tmp_dir: where downloads of large files go while they are read (object
+            stores); default: the system temp dir.
+        retry_deadline_s: retry budget of one object-store operation (see
+            :func:`skyrl_callbacks.cloud.retrying`).
+        upload_concurrency: files uploaded at once by :meth:`upload_files`.
 
     Raises:
         MissingDependencyError: the URL needs s3fs/gcsfs and it is not installed.
     """
 
-    def __init__(self, url: str, storage_options: Optional[dict] = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        storage_options: Optional[dict] = None,
+        *,
+        local_tmp_dir: Optional[str] = None,
+        retry_deadline_s: float = DEFAULT_RETRY_DEADLINE_S,
+        upload_concurrency: int = DEFAULT_UPLOAD_CONCURRENCY,
+    ) -> None:
         if not isinstance(url, str):
             url = os.fspath(url)
         self.protocol, rest = split_protocol(url)
         self.is_local = self.protocol in ("file", "local")
         self.storage_options = dict(storage_options or {})
+        self.local_tmp_dir = local_tmp_dir
+        self.retry_deadline_s = float(retry_deadline_s)
+        self.upload_concurrency = int(upload_concurrency)
+        from skyrl_callbacks.cloud import DEFAULT_CHUNK_SIZE, DEFAULT_MULTIPART_THRESHOLD
+
+        #: files at least this large are uploaded in parts (staged saves)
+        self.multipart_threshold = DEFAULT_MULTIPART_THRESHOLD
+        #: part size of multipart uploads, and block size of streamed writes
+        self.chunk_size = DEFAULT_CHUNK_SIZE
+        # {normalised remote path: (size, algo, digest)} of files this process wrote
+        self._known: dict[str, tuple[int, str, str]] = {}
         if self.is_local:
             self.root = os.path.abspath(os.path.expanduser(rest))
             self.fs = None
@@ -89,20 +139,45 @@ class Storage:
     def basename(path: str) -> str:
         return posixpath.basename(path.rstrip("/"))
 
-    def _key(self, path: str) -> str:
-        # fsspec methods take paths without protocol for most backends but accept URLs too.
-        return path
+    # ------------------------------------------------------------------ object-store plumbing
+    def _retry(self, fn: Callable[[], T], what: str) -> T:
+        """Run an object-store operation with backoff on transient errors (local: plain call)."""
+        if self.is_local:
+            return fn()
+        from skyrl_callbacks.cloud import retrying
+
+        return retrying(fn, what=what, deadline_s=self.retry_deadline_s)
+
+    def _norm(self, path: str) -> str:
+        return split_protocol(path)[1].strip("/")
+
+    def _fresh(self, path: str) -> None:
+        """Forget fsspec's cached listings of ``path`` (another rank/process may have written)."""
+        try:
+            self.fs.invalidate_cache(path)
+        except Exception:  # noqa: BLE001 - a backend without a listings cache
+            pass
 
     # ------------------------------------------------------------------ queries
     def exists(self, path: str) -> bool:
         if self.is_local:
             return os.path.exists(path)
-        return self.fs.exists(path)
+
+        def check() -> bool:
+            self._fresh(path)
+            return bool(self.fs.exists(path))
+
+        return self._retry(check, f"stat {path}")
 
     def isdir(self, path: str) -> bool:
         if self.is_local:
             return os.path.isdir(path)
-        return self.fs.isdir(path)
+
+        def check() -> bool:
+            self._fresh(path)
+            return bool(self.fs.isdir(path))
+
+        return self._retry(check, f"stat {path}")
 
     def listdir(self, path: str) -> list[str]:
         """Base names directly under ``path`` ([] if it does not exist)."""
@@ -111,16 +186,31 @@ class Storage:
                 return sorted(os.listdir(path))
             except FileNotFoundError:
                 return []
-        try:
-            entries = self.fs.ls(path, detail=False, refresh=True)
-        except FileNotFoundError:
-            return []
-        return sorted({posixpath.basename(str(e).rstrip("/")) for e in entries})
+
+        def ls() -> list:
+            try:
+                return self.fs.ls(path, detail=False, refresh=True)
+            except FileNotFoundError:
+                return []
+
+        entries = self._retry(ls, f"list {path}")
+        bare = self._norm(path)
+        names = set()
+        for e in entries:
+            name = posixpath.basename(str(e).rstrip("/"))
+            if name and self._norm(str(e)) != bare:
+                names.add(name)
+        return sorted(names)
 
     def size(self, path: str) -> int:
         if self.is_local:
             return os.path.getsize(path)
-        return int(self.fs.size(path))
+
+        def get() -> int:
+            self._fresh(path)
+            return int(self.fs.size(path))
+
+        return self._retry(get, f"stat {path}")
 
     def walk_files(self, top: str) -> dict[str, int]:
         """Every file below ``top`` as ``{relative posix path: size}``."""
@@ -133,26 +223,78 @@ class Storage:
                     out[rel] = os.path.getsize(full)
             return out
         prefix = top.rstrip("/")
-        bare = split_protocol(prefix)[1].lstrip("/")
-        for path, info in self.fs.find(prefix, detail=True).items():
-            rel = str(path).split("://", 1)[-1].lstrip("/")
+        bare = self._norm(prefix)
+
+        def find() -> dict:
+            self._fresh(prefix)
+            try:
+                return self.fs.find(prefix, detail=True)
+            except FileNotFoundError:
+                return {}
+
+        for path, info in self._retry(find, f"list {prefix}").items():
+            rel = self._norm(str(path))
             rel = rel[len(bare):].lstrip("/") if rel.startswith(bare) else rel
-            if info.get("type") == "directory":
+            if info.get("type") == "directory" or not rel:
                 continue
             out[rel] = int(info.get("size") or 0)
         return out
 
     # ------------------------------------------------------------------ IO
     def open(self, path: str, mode: str = "rb") -> IO[Any]:
+        """Open a file.
+
+        Object stores: ``"rb"`` downloads the object once (retried) into memory, or into a
+        temporary file under ``local_tmp_dir`` when larger than ``READ_IN_MEMORY_MAX``, and
+        returns a seekable handle; ``"wb"`` returns a streaming writer that uploads as it
+        is written (multipart), aborts on error and records the size and checksum.
+        """
         if self.is_local:
             if "w" in mode or "a" in mode:
                 os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             return open(path, mode)
+        if mode in ("rb", "r"):
+            fh = self._open_read(path)
+            return io.TextIOWrapper(fh, encoding="utf-8") if mode == "r" else fh
+        if mode == "wb":
+            return self._open_write(path)
         return self.fs.open(path, mode)
 
+    def _open_read(self, path: str) -> IO[bytes]:
+        size = self.size(path)  # FileNotFoundError for a missing object (not retried)
+        if size <= READ_IN_MEMORY_MAX:
+            return io.BytesIO(self._retry(lambda: self.fs.cat_file(path), f"read {path}"))
+        from skyrl_callbacks.cloud import download_files
+
+        tmp_dir = self.local_tmp_dir or tempfile.gettempdir()
+        os.makedirs(tmp_dir, exist_ok=True)
+        local = os.path.join(tmp_dir, f".skyrl-read-{uuid.uuid4().hex[:12]}-{posixpath.basename(path)}")
+        try:
+            download_files(self.fs, {path: local}, max_concurrency=1, deadline_s=self.retry_deadline_s)
+            fh = open(local, "rb")
+        finally:
+            try:
+                os.unlink(local)  # the open handle keeps the data until it is closed
+            except FileNotFoundError:
+                pass
+        return fh
+
+    def _open_write(self, path: str) -> IO[bytes]:
+        from skyrl_callbacks.cloud import open_for_write
+
+        return _HashingWriter(
+            open_for_write(self.fs, path, block_size=self.chunk_size, deadline_s=self.retry_deadline_s),
+            on_close=lambda size, algo, digest: self._remember(path, size, algo, digest),
+        )
+
+    def _remember(self, path: str, size: int, algo: str, digest: str) -> None:
+        self._known[self._norm(path)] = (int(size), algo, digest)
+
     def read_bytes(self, path: str) -> bytes:
-        with self.open(path, "rb") as fh:
-            return fh.read()
+        if self.is_local:
+            with open(path, "rb") as fh:
+                return fh.read()
+        return self._retry(lambda: self.fs.cat_file(path), f"read {path}")
 
     def read_text(self, path: str) -> str:
         return self.read_bytes(path).decode("utf-8")
@@ -167,7 +309,14 @@ class Storage:
                     fh.flush()
                     os.fsync(fh.fileno())
             return
-        self.fs.pipe_file(path, data)
+        self._put_bytes(path, data)
+
+    def _put_bytes(self, path: str, data: bytes) -> None:
+        def put() -> None:
+            self.fs.pipe_file(path, data)
+            self._fresh(path)
+
+        self._retry(put, f"write {path} ({len(data)} bytes)")
 
     def atomic_write(self, path: str, data: bytes) -> None:
         """Replace ``path`` atomically: temp file + fsync + ``os.replace`` locally; a single
@@ -187,7 +336,7 @@ class Storage:
                     os.unlink(tmp)
             _fsync_dir(directory)
             return
-        self.fs.pipe_file(path, data)
+        self._put_bytes(path, data)
 
     def makedirs(self, path: str) -> None:
         if self.is_local:
@@ -197,17 +346,101 @@ class Storage:
     def rm(self, path: str, recursive: bool = True) -> None:
         """Remove a file or tree; a missing path is not an error."""
         if self.is_local:
-            import shutil
-
             if os.path.isdir(path) and not os.path.islink(path):
                 shutil.rmtree(path, ignore_errors=False)
             elif os.path.lexists(path):
                 os.unlink(path)
             return
-        try:
-            self.fs.rm(path, recursive=recursive)
-        except FileNotFoundError:
-            pass
+
+        def remove() -> None:
+            self._fresh(path)
+            try:
+                if recursive:
+                    self.fs.rm(path, recursive=True)
+                else:
+                    self.fs.rm_file(path)
+            except FileNotFoundError:
+                pass
+            self._fresh(path)
+
+        self._retry(remove, f"delete {path}")
+
+    # ------------------------------------------------------------------ transfers
+    def upload_files(self, local_top: str, remote_top: str, rel_paths: Iterable[str]) -> dict[str, int]:
+        """Upload ``local_top/<rel>`` to ``remote_top/<rel>`` for each ``rel``, concurrently.
+
+        ``upload_concurrency`` files at a time, large files as multipart uploads, each file
+        retried within ``retry_deadline_s`` (see :func:`skyrl_callbacks.cloud.upload_files`).
+
+        Returns:
+            ``{rel: size}``.
+
+        Raises:
+            StorageError: a file could not be uploaded within its deadline.
+        """
+        rels = list(dict.fromkeys(rel_paths))
+        if self.is_local:
+            out = {}
+            for rel in rels:
+                dst = os.path.join(remote_top, *rel.split("/"))
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                shutil.copyfile(os.path.join(local_top, *rel.split("/")), dst)
+                out[rel] = os.path.getsize(dst)
+            return out
+        from skyrl_callbacks.cloud import upload_files
+
+        pairs = [(os.path.join(local_top, *rel.split("/")), self.join(remote_top, rel)) for rel in rels]
+        sizes = upload_files(
+            self.fs,
+            pairs,
+            max_concurrency=self.upload_concurrency,
+            multipart_threshold=self.multipart_threshold,
+            chunk_size=self.chunk_size,
+            deadline_s=self.retry_deadline_s,
+        )
+        self._fresh(remote_top)
+        return {rel: sizes[remote] for rel, (_local, remote) in zip(rels, pairs)}
+
+    def describe_files(self, top: str, rel_paths: Iterable[str], algo: str) -> dict[str, dict]:
+        """``{rel: {"size", "hash"}}`` of files below ``top`` for the manifest.
+
+        Local: every file is read and checksummed. Object stores: the size and checksum
+        recorded when this process wrote or uploaded the file are used (no read-back);
+        a file written by other means (DCP's fsspec writer) gets its size from a listing
+        and ``hash: None`` (sizes are always verified, checksums only where recorded).
+
+        Raises:
+            StorageError: a file is not in the store.
+        """
+        from skyrl_callbacks.manifest import hash_file
+
+        rels = list(rel_paths)
+        out: dict[str, dict] = {}
+        if self.is_local:
+            for rel in rels:
+                size, digest = hash_file(self, self.join(top, rel), algo)
+                out[rel] = {"size": size, "hash": digest}
+            return out
+        missing = []
+        for rel in rels:
+            known = self._known.pop(self._norm(self.join(top, rel)), None)
+            if known is not None and known[1] == algo:
+                out[rel] = {"size": known[0], "hash": known[2]}
+            else:
+                missing.append(rel)
+        if missing:
+            listing = self.walk_files(top)
+            for rel in missing:
+                if rel not in listing:
+                    raise StorageError(f"{self.join(top, rel)}: not found in the store after it was written.")
+                out[rel] = {"size": listing[rel], "hash": None}
+        return out
+
+    def forget_written(self, top: str) -> None:
+        """Drop the recorded sizes/checksums of files below ``top``."""
+        bare = self._norm(top) + "/"
+        for key in [k for k in self._known if k.startswith(bare)]:
+            del self._known[key]
 
     # ------------------------------------------------------------------ commit protocol
     @property
@@ -228,6 +461,7 @@ class Storage:
                 self.rm(staging)
             os.makedirs(staging, exist_ok=True)
             return
+        self.forget_written(staging)
         if self.exists(staging):
             if self.exists(self.join(staging, MANIFEST_FILE)):
                 # Re-saving a step that is already committed: un-commit it first so a crash in
@@ -240,11 +474,28 @@ class Storage:
 
         Local: manifest written and every file fsynced, then one rename (a previous
         directory of the same name is moved aside first and removed after). Object stores:
-        the manifest is written last and is the commit marker.
+        every file of the manifest is checked against a listing (present, same size), then
+        the manifest is written last: it is the commit marker.
+
+        Raises:
+            StorageError: (object stores) a file of the manifest is missing or has another size.
         """
         data = json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8")
         if not self.supports_rename:
-            self.fs.pipe_file(self.join(final_dir, MANIFEST_FILE), data)
+            present = self.walk_files(final_dir)
+            bad = []
+            for rel, info in (manifest.get("files") or {}).items():
+                if rel not in present:
+                    bad.append(f"{rel} (missing)")
+                elif present[rel] != info.get("size"):
+                    bad.append(f"{rel} ({present[rel]} bytes, {info.get('size')} written)")
+            if bad:
+                raise StorageError(
+                    f"{final_dir}: not committed, the store does not hold what was written: {', '.join(bad[:5])}"
+                    f"{' ...' if len(bad) > 5 else ''}. The previous checkpoint is untouched."
+                )
+            self._put_bytes(self.join(final_dir, MANIFEST_FILE), data)
+            self.forget_written(final_dir)
             return
         self.write_bytes(os.path.join(staging, MANIFEST_FILE), data)
         _fsync_tree(staging)
@@ -278,7 +529,12 @@ class Storage:
         self.rm(step_dir)
 
     def is_committed(self, step_dir: str) -> bool:
-        """True when ``step_dir`` is a complete, published checkpoint directory."""
+        """True when ``step_dir`` is a complete, published checkpoint directory.
+
+        Object stores: its manifest exists. A store that keeps failing raises
+        :class:`StorageError` rather than answering False (an outage must not make a
+        committed checkpoint look absent).
+        """
         if self.supports_rename:
             if not os.path.isdir(step_dir):
                 return False
@@ -296,6 +552,68 @@ class Storage:
             for n in self.listdir(self.root)
             if n.startswith(TMP_PREFIX) or n.startswith(TRASH_PREFIX)
         ]
+
+
+class _HashingWriter(io.RawIOBase):
+    """Forwards writes to a :class:`~skyrl_callbacks.cloud.StreamingWriter`, checksumming them;
+    reports ``(size, algo, digest)`` after a successful close. An exception inside its
+    ``with`` block aborts the upload."""
+
+    def __init__(self, inner: Any, on_close: Callable[[int, str, str], None]) -> None:
+        super().__init__()
+        from skyrl_callbacks.manifest import _hasher, checksum_algo
+
+        self._inner = inner
+        self._on_close = on_close
+        self._algo = checksum_algo()
+        self._hash = _hasher(self._algo)
+        self._size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def tell(self) -> int:
+        return self._size
+
+    def write(self, data) -> int:  # type: ignore[override]
+        mv = memoryview(data).cast("B")
+        n = self._inner.write(mv)
+        self._hash.update(mv)
+        self._size += mv.nbytes
+        return n
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            self._inner.close()
+            self._on_close(self._size, self._algo, self._hash.hexdigest())
+        finally:
+            super().close()
+
+    def abort(self) -> None:
+        if not self.closed:
+            self._inner.abort()
+            super().close()
+
+    def __exit__(self, et, ev, tb) -> None:
+        if et is not None:
+            self.abort()
+        else:
+            self.close()
+
+    def __del__(self) -> None:
+        try:
+            if not self.closed:
+                self.abort()
+        except Exception:  # noqa: BLE001
+            pass
 
 
 def _make_fs(protocol: str, storage_options: dict):
@@ -353,12 +671,75 @@ def new_token() -> str:
 
 
 def upload_local_dir(storage: "Storage", local_dir: str, remote_dir: str) -> dict[str, int]:
-    """Copy a local directory tree to ``remote_dir`` of ``storage`` (concurrently, with retries)."""
-    if storage.is_local:
-        import shutil
+    """Copy a local directory tree to ``remote_dir`` of ``storage`` (concurrently, with retries).
 
+    On object stores the size and checksum of every file are recorded (computed from the
+    local copy), so :meth:`Storage.describe_files` can build the manifest without reading
+    the objects back.
+
+    Returns:
+        ``{relative posix path: size}`` (empty for a local ``storage``).
+    """
+    if storage.is_local:
         shutil.copytree(local_dir, remote_dir, dirs_exist_ok=True)
         return {}
-    from skyrl_callbacks.cloud import upload_dir
+    from skyrl_callbacks.manifest import checksum_algo, hash_file
 
-    return upload_dir(storage.fs, local_dir, remote_dir)
+    local = Storage(local_dir)
+    rels = []
+    algo = checksum_algo()
+    for dirpath, _dirs, files in os.walk(local_dir):
+        for name in files:
+            rel = os.path.relpath(os.path.join(dirpath, name), local_dir).replace(os.sep, "/")
+            rels.append(rel)
+    sizes = storage.upload_files(local_dir, remote_dir, rels)
+    for rel in rels:
+        size, digest = hash_file(local, os.path.join(local_dir, *rel.split("/")), algo)
+        storage._remember(storage.join(remote_dir, rel), size, algo, digest)
+    return sizes
+
+
+# --------------------------------------------------------------------------- local staging
+_STAGE_RE = re.compile(r"^" + re.escape(LOCAL_STAGE_PREFIX) + r"(?P<host>.+)-(?P<pid>\d+)-(?P<token>[0-9a-f]+)-r(?P<rank>\d+)$")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname() or "host")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def make_local_stage(base_dir: Optional[str], token: str, rank: int) -> str:
+    """Create this rank's local staging directory for one cloud save and return it.
+
+    ``{base_dir}/skyrl-stage-<host>-<pid>-<token>-r<rank>`` (``base_dir`` defaults to the
+    system temp dir). Stages left by dead processes of this host (a crash or SIGKILL in
+    the middle of a save) are removed first.
+    """
+    base = os.path.abspath(os.path.expanduser(base_dir or tempfile.gettempdir()))
+    os.makedirs(base, exist_ok=True)
+    host = _host()
+    for name in os.listdir(base):
+        m = _STAGE_RE.match(name)
+        if m and m.group("host") == host and not _pid_alive(int(m.group("pid"))):
+            logger.info("removing the local stage of a dead process: %s", os.path.join(base, name))
+            shutil.rmtree(os.path.join(base, name), ignore_errors=True)
+    path = os.path.join(base, f"{LOCAL_STAGE_PREFIX}{host}-{os.getpid()}-{token}-r{int(rank)}")
+    if os.path.exists(path):
+        shutil.rmtree(path)
+    os.makedirs(path)
+    return path
+
+
+def remove_local_stage(path: Optional[str]) -> None:
+    """Remove a directory made by :func:`make_local_stage` (best effort)."""
+    if path:
+        shutil.rmtree(path, ignore_errors=True)

@@ -148,8 +148,11 @@ def test_latest_prefers_pointer_then_newest_committed(tmp_path, caplog):
     state = CheckpointManager(cfg(tmp_path)).resume(roles2)
     assert state.step == 20
     assert "global_step_30" in caplog.text
+    # a pointer one commit behind (crash between commit and pointer move): the commit made after
+    # the pointed-to checkpoint by the same run (manifest parent_step) is used
     (root / "latest_ckpt_global_step.txt").write_text("10")
-    assert CheckpointManager(cfg(tmp_path)).resume(roles2).step == 10
+    assert CheckpointManager(cfg(tmp_path)).resume(roles2).step == 20
+    assert "committed after the pointer" in caplog.text
     (root / "latest_ckpt_global_step.txt").unlink()
     assert CheckpointManager(cfg(tmp_path)).resume(roles2).step == 20
 
