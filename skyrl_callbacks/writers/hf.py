@@ -52,10 +52,12 @@ def parse_size(size: Any) -> int:
 
 def hf_model_of(model: torch.nn.Module) -> Optional[torch.nn.Module]:
     """The ``transformers.PreTrainedModel`` inside wrappers, or None."""
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:
+    import sys
+
+    transformers = sys.modules.get("transformers")
+    if transformers is None:  # no HF model can exist unless transformers was imported (saves ~7 s)
         return None
+    PreTrainedModel = transformers.PreTrainedModel
     seen = 0
     while model is not None and seen < 8:
         if isinstance(model, PreTrainedModel):
