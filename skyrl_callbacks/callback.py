@@ -179,6 +179,53 @@ class SkyRLCheckpoint(_CallbackBase):
         if stage == "fit" and self.manager is None:
             self.manager = CheckpointManager(self.config, DistContext())
 
+    def _install_preemption_handlers(self) -> None:
+        """Flag preemption on the configured signals (called after Lightning set its handlers).
+
+        The handler only sets a flag; every rank agrees on it at the end of the step, outside
+        the handler. Lightning's own SIGTERM handler is replaced while ``fit`` runs: in 2.6 it
+        runs a collective broadcast inside the signal handler, which deadlocks DDP ranks that
+        are in another collective at that moment. The previous handlers come back at teardown.
+        """
+        import signal
+        import threading
+
+        self._preempted = None
+        self._previous_handlers: dict = {}
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for name in self.config.preemption_signals:
+            signum = getattr(signal, name)
+
+            def handler(sig: int, frame: Any, _name: str = name) -> None:
+                self._preempted = _name
+
+            self._previous_handlers[signum] = signal.signal(signum, handler)
+
+    def _restore_signal_handlers(self) -> None:
+        import signal
+
+        for signum, previous in (getattr(self, "_previous_handlers", None) or {}).items():
+            try:
+                signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+            except (ValueError, TypeError):  # not the main thread
+                pass
+        self._previous_handlers = {}
+
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.config.preemption_signals:
+            self._install_preemption_handlers()
+
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        self._restore_signal_handlers()
+
+    def _preemption_requested(self, trainer: "pl.Trainer") -> Optional[str]:
+        """The signal that asked this run to stop (any rank), agreed on by every rank."""
+        mine = getattr(self, "_preempted", None)
+        if trainer.world_size > 1:
+            return "signal" if trainer.strategy.reduce_boolean_decision(mine is not None, all=False) else None
+        return mine
+
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self.manager is None:
             self.manager = CheckpointManager(self.config, DistContext())
@@ -229,16 +276,28 @@ class SkyRLCheckpoint(_CallbackBase):
             return
         save = self.manager.should_save(step)
         export = self.manager.should_export(step)
-        if save or export:
+        preempted = self._preemption_requested(trainer) if self.config.preemption_signals else None
+        if save or export or preempted:
             roles = self._roles(trainer, pl_module)
-            if save:
+            if save or (preempted and self.manager.last_saved_step != step):
                 self._save(trainer, pl_module, roles, step)
             if export:
                 self._export(roles, step)
+        if preempted:
+            # The step is committed: stop like a finished run (exit code 0) instead of letting
+            # Lightning raise SIGTERMException after this batch.
+            _announce(f"[skyrl-ckpt] preempted ({preempted}): step {step} is saved; stopping. Rerun to resume.")
+            trainer.should_stop = True
+            connector = getattr(trainer, "_signal_connector", None)
+            if connector is not None:
+                connector.received_sigterm = False
+            self._stopped_by_preemption = True
 
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self.manager is None or not self.config.save_on_train_end or self.step <= 0:
             return
+        if getattr(self, "_stopped_by_preemption", False):
+            return  # saved at the preempted step; no final export of an unfinished run
         roles = None
         if self.manager.last_saved_step != self.step:
             roles = self._roles(trainer, pl_module)

@@ -119,6 +119,10 @@ class CheckpointConfig:
     """Object stores: retry budget of one operation (upload of a file, listing...) in seconds;
     transient errors (5xx, SlowDown, resets) are retried with backoff until it is spent."""
 
+    preemption_signals: list = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    """Signals that mean "preempted": finish the current step, save, commit and stop cleanly
+    (exit code 0) on every rank. An empty list turns this off."""
+
     extra: dict = field(default_factory=dict, repr=False, compare=False)
     """Keys of the source config that are not ours (e.g. the rest of SkyRL's ``trainer:``
     section). Kept so that ``trainer_state.pt`` records the complete configuration."""
@@ -315,6 +319,20 @@ class CheckpointConfig:
         if isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not deadline > 0:
             raise ConfigError(f"cloud_retry_deadline_s={deadline!r}: must be a positive number of seconds.")
         self.cloud_retry_deadline_s = float(deadline)
+        import signal as _signal
+
+        if isinstance(self.preemption_signals, str) or not isinstance(self.preemption_signals, (list, tuple)):
+            raise ConfigError(
+                f"preemption_signals={self.preemption_signals!r}: must be a list of signal names, e.g. "
+                f"['SIGTERM', 'SIGUSR1'], or [] to disable."
+            )
+        for name in self.preemption_signals:
+            if not isinstance(name, str) or not isinstance(getattr(_signal, name, None), _signal.Signals):
+                raise ConfigError(
+                    f"preemption_signals: {name!r} is not a signal name of this platform; use names such as "
+                    f"'SIGTERM' or 'SIGUSR1'."
+                )
+        self.preemption_signals = list(self.preemption_signals)
         if self.async_save:
             raise ConfigError(
                 "async_save=True: background saving is not available in this version; "
