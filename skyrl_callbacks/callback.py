@@ -218,6 +218,8 @@ class SkyRLCheckpoint(_CallbackBase):
 
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         self._restore_signal_handlers()
+        if self.manager is not None:
+            self.manager.close()
 
     def _preemption_requested(self, trainer: "pl.Trainer") -> Optional[str]:
         """The signal that asked this run to stop (any rank), agreed on by every rank."""
@@ -230,6 +232,7 @@ class SkyRLCheckpoint(_CallbackBase):
         if self.manager is None:
             self.manager = CheckpointManager(self.config, DistContext())
         self.manager.dist = DistContext()  # the process group exists now
+        self.manager.acquire_lock()  # fail before training if another live run owns ckpt_path
         roles = self._roles(trainer, pl_module)
         state = self.manager.resume(roles)
         if state is None:

@@ -119,6 +119,10 @@ class CheckpointConfig:
     """Object stores: retry budget of one operation (upload of a file, listing...) in seconds;
     transient errors (5xx, SlowDown, resets) are retried with backoff until it is spent."""
 
+    run_lock: bool = True
+    """Refuse to write into a ``ckpt_path`` that another live run owns (lock file with host, pid
+    and heartbeat; a dead run's lock is taken over)."""
+
     preemption_signals: list = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
     """Signals that mean "preempted": finish the current step, save, commit and stop cleanly
     (exit code 0) on every rank. An empty list turns this off."""
@@ -302,7 +306,7 @@ class CheckpointConfig:
             self.storage_options = dict(self.storage_options)
         if self.state_dict_type not in ("sharded", "full"):
             raise ConfigError(f"state_dict_type={self.state_dict_type!r}: must be 'sharded' or 'full'.")
-        for key in ("verify_on_resume", "async_save", "save_on_train_end"):
+        for key in ("verify_on_resume", "async_save", "save_on_train_end", "run_lock"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"{key}={getattr(self, key)!r}: must be true or false.")
         if self.cloud_upload not in ("staged", "stream"):

@@ -34,6 +34,7 @@ from skyrl_callbacks.errors import (
     IncompatibleCheckpointError,
     StorageError,
 )
+from skyrl_callbacks.lock import RunLock
 from skyrl_callbacks.manifest import build_manifest, checksum_algo, read_manifest, verify_dir
 from skyrl_callbacks.rng import capture_rng
 from skyrl_callbacks.storage import Storage, make_local_stage, new_token, remove_local_stage
@@ -107,6 +108,24 @@ class CheckpointManager:
         self.last_result: Optional[SaveResult] = None
         self._storage_checked = False
         self._writers: dict[str, RoleWriter] = {}
+        self._lock: Optional[RunLock] = RunLock(self.storage) if self.config.run_lock else None
+
+    def acquire_lock(self) -> None:
+        """Own ``ckpt_path`` (rank 0) before writing; collective.
+
+        Every save takes it; a training run takes it at its start to fail early. Reading
+        (resume, verify) does not need it.
+
+        Raises:
+            CheckpointLockError: on every rank, when another live run owns ``ckpt_path``.
+        """
+        if self._lock is not None and not self._lock.held:
+            self.dist.run_on_main("lock ckpt_path", self._lock.acquire)
+
+    def close(self) -> None:
+        """Release the run lock. Call when the run ends (the callback does it at teardown)."""
+        if self._lock is not None and self.dist.is_main:
+            self._lock.release()
 
     def _open_storage(self, url: str) -> Storage:
         return Storage(
@@ -175,6 +194,7 @@ class CheckpointManager:
         """
         t0 = time.perf_counter()
         dist, storage = self.dist, self.storage
+        self.acquire_lock()
         token = dist.broadcast(new_token())
         final = self.step_dir(step)
         staging = storage.staging_dir(final, token)

@@ -66,7 +66,7 @@ def test_kill_at_each_phase(tmp_path, phase, expect):
     # the run goes on: the next save commits and cleans up the leftovers of the killed one
     run(ckpt, "--start", "5", "--steps", "1", "--width", "32")
     assert check_resumable(ckpt, 32) == 5
-    leftovers = [p.name for p in ckpt.iterdir() if p.name.startswith(".")]
+    leftovers = [p.name for p in ckpt.iterdir() if p.name.startswith((".tmp", ".trash"))]
     assert leftovers == []
 
 

@@ -195,7 +195,7 @@ def test_same_step_resave_replaces(tmp_path):
     _, roles2 = make_roles(1)
     CheckpointManager(cfg(tmp_path)).resume(roles2)
     assert torch.equal(roles2[0].model.weight, m.policy.weight)
-    assert [p.name for p in (tmp_path / "ckpts").iterdir() if p.name.startswith(".")] == []
+    assert [p.name for p in (tmp_path / "ckpts").iterdir() if p.name.startswith((".tmp", ".trash"))] == []
 
 
 def test_mismatched_model_is_a_clear_error(tmp_path):

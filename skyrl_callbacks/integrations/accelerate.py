@@ -467,6 +467,7 @@ def bind(callback: Any, accelerator: Any = None, **roles_and_state: Any) -> Loop
     callback.step = 0
     callback.resumed_step = None
 
+    callback.manager.acquire_lock()  # fail before training if another live run owns ckpt_path
     state = callback.manager.resume(binding.roles)
     if state is not None:
         binding.apply_trainer_state(state.trainer_state)
@@ -544,13 +545,16 @@ def finish(callback: Any) -> Optional[SaveResult]:
     manager: CheckpointManager = callback.manager
     current = int(callback.step)
     result = None
-    if not callback.config.save_on_train_end or current <= 0:
-        return None
-    if manager.last_saved_step != current:
-        result = _save(callback, binding, current)
-    if callback.config.hf_save_interval > 0 and manager.last_exported_step != current:
-        _export(callback, binding, current)
-    return result
+    try:
+        if not callback.config.save_on_train_end or current <= 0:
+            return None
+        if manager.last_saved_step != current:
+            result = _save(callback, binding, current)
+        if callback.config.hf_save_interval > 0 and manager.last_exported_step != current:
+            _export(callback, binding, current)
+        return result
+    finally:
+        manager.close()  # the run is over: release the ckpt_path lock
 
 
 def _save(callback: Any, binding: _Binding, current: int) -> SaveResult:

@@ -53,10 +53,11 @@ def install_kill(phase: str, at_step: int) -> None:
         return orig_commit(self, staging, final, manifest)
 
     def atomic_write(self, path, data):
-        if current["step"] == at_step and phase == "before_pointer":
+        pointer = path.endswith("latest_ckpt_global_step.txt")
+        if pointer and current["step"] == at_step and phase == "before_pointer":
             die()
         orig_write(self, path, data)
-        if current["step"] == at_step and phase == "after_pointer":
+        if pointer and current["step"] == at_step and phase == "after_pointer":
             die()
 
     def retention(self, step):
