@@ -231,6 +231,18 @@ class SkyRLCheckpoint(_CallbackBase):
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self.manager is None:
             self.manager = CheckpointManager(self.config, DistContext())
+        strategy = type(trainer.strategy).__name__
+        if strategy == "FSDPStrategy":
+            from skyrl_callbacks.errors import ConfigError
+
+            # Lightning's FSDPStrategy wraps the whole LightningModule in one FSDP1 unit, so the
+            # role modules hold flat shard pieces: saving them would write unusable checkpoints.
+            raise ConfigError(
+                "SkyRLCheckpoint does not support Lightning's FSDPStrategy (strategy='fsdp') yet: it wraps the "
+                "whole LightningModule, so the policy/critic modules hold flat shards. Use "
+                "ModelParallelStrategy and apply torch.distributed.fsdp.fully_shard (FSDP2) in "
+                "configure_model, or Accelerate's FSDP plugin; both are supported and tested."
+            )
         self.manager.dist = DistContext()  # the process group exists now
         self.manager.acquire_lock()  # fail before training if another live run owns ckpt_path
         roles = self._roles(trainer, pl_module)

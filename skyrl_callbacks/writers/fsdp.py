@@ -498,7 +498,7 @@ def _gather_full(value: torch.Tensor, dist: "DistContext") -> Optional[torch.Ten
     if _is_dtensor(value):
         with _quiet():
             full = value.full_tensor()
-        return full.detach().cpu()
+        return full.detach().cpu() if dist.is_main else None  # only rank 0 keeps a host copy
     if _is_sharded_tensor(value):
         device = _local_device(value)
         out = (
@@ -546,11 +546,17 @@ def _scatter_from_main(template: torch.Tensor, full: Optional[torch.Tensor], dis
     if dist.enabled and dist.world_size > 1:
         import torch.distributed as tdist
 
+        # NCCL moves only CUDA tensors; CPU-resident state (AdamW's default ``step``) goes
+        # through a CUDA buffer and back.
+        comm = device
+        if device.type == "cpu" and tdist.get_backend(dist.group) == "nccl":
+            comm = torch.device("cuda", torch.cuda.current_device())
         if dist.is_main:
-            buf = full.to(device=device, dtype=dtype).contiguous()  # type: ignore[union-attr]
+            buf = full.to(device=comm, dtype=dtype).contiguous()  # type: ignore[union-attr]
         else:
-            buf = torch.empty(shape, dtype=dtype, device=device)
+            buf = torch.empty(shape, dtype=dtype, device=comm)
         tdist.broadcast(buf, src=_group_rank0(dist), group=dist.group)
+        buf = buf.to(device)
     else:
         buf = full.to(device=device, dtype=dtype)  # type: ignore[union-attr]
     with torch.no_grad():
@@ -998,9 +1004,8 @@ class FSDPWriter(RoleWriter):
         for name in list(sd.keys()):
             value = sd.pop(name)
             full = _gather_full(value, dist)
-            if full is None:  # FSDP1 on ranks other than 0: hand out the local shard
-                pieces = _local_slices(value)
-                full = pieces[0][1].detach().cpu() if pieces else torch.empty(0, dtype=_dtype_of(value))
+            if full is None:  # ranks other than 0 take part in the gather but keep nothing
+                full = torch.empty(0, dtype=_dtype_of(value))
             yield name, full
             del full, value
 
