@@ -109,6 +109,7 @@ class CheckpointManager:
         self._storage_checked = False
         self._writers: dict[str, RoleWriter] = {}
         self._lock: Optional[RunLock] = RunLock(self.storage) if self.config.run_lock else None
+        self._lock_taken = False
 
     def acquire_lock(self) -> None:
         """Own ``ckpt_path`` (rank 0) before writing; collective.
@@ -119,13 +120,17 @@ class CheckpointManager:
         Raises:
             CheckpointLockError: on every rank, when another live run owns ``ckpt_path``.
         """
-        if self._lock is not None and not self._lock.held:
+        # Every rank must take the same branch (the acquisition is collective), so the flag is
+        # kept on every rank, not read from the lock that only rank 0 holds.
+        if self._lock is not None and not self._lock_taken:
             self.dist.run_on_main("lock ckpt_path", self._lock.acquire)
+            self._lock_taken = True
 
     def close(self) -> None:
         """Release the run lock. Call when the run ends (the callback does it at teardown)."""
         if self._lock is not None and self.dist.is_main:
             self._lock.release()
+        self._lock_taken = False
 
     def _open_storage(self, url: str) -> Storage:
         return Storage(
