@@ -353,7 +353,7 @@ def test_prune_dry_run_then_prune(plain, tmp_path):
     assert r.rc == 0, r
     doc = r.json()
     assert doc["deleted"] == [1] and doc["removed_leftovers"] == [LEFTOVER] and doc["kept"] == [2, 3]
-    names = sorted(os.listdir(root))
+    names = sorted(n for n in os.listdir(root) if n != ".skyrl_lock.json")  # the writer's run lock
     # never anything not ours: the foreign dir and the incomplete global_step_7 stay
     assert names == [".tmp-mine", "global_step_2", "global_step_3", "global_step_7", "latest_ckpt_global_step.txt",
                      "notes"]
@@ -500,7 +500,7 @@ def test_s3_prune(s3):
     r = cli("prune", run, "--keep", "2", "--json", storage_options=s3["opts"])
     assert r.rc == 0 and r.json()["deleted"] == [1], r
     fs.invalidate_cache()
-    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{s3['bucket']}/run")) == [
+    assert sorted(n for n in (p.rsplit("/", 1)[-1] for p in fs.ls(f"{s3['bucket']}/run")) if n != ".skyrl_lock.json") == [
         "global_step_2", "global_step_3", "latest_ckpt_global_step.txt"]
 
 

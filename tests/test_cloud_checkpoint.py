@@ -66,8 +66,8 @@ class Cloud:
             return {}
         out = {}
         for path, info in found.items():
-            if info.get("type") == "directory":
-                continue
+            if info.get("type") == "directory" or path.endswith("/.skyrl_lock.json"):
+                continue  # the run lock (skyrl_callbacks.lock) is not part of any checkpoint
             out[str(path).split("://")[-1][len(prefix) + 1 :]] = int(info["size"])
         return out
 
