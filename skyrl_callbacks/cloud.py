@@ -57,6 +57,10 @@ from typing import Any, Callable, Iterable, Mapping, Optional, TypeVar, Union
 
 from skyrl_callbacks.errors import StorageError
 
+# Our own generator: retries must never consume the training loop's global `random` stream
+# (that would break bitwise exact resume for code that draws from it).
+_JITTER = random.Random()
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -348,7 +352,7 @@ def retrying(
                 raise
             elapsed = time.monotonic() - start
             delay = min(max_delay, base_delay * (2 ** (attempt - 1)))
-            delay = random.uniform(delay / 2, delay)
+            delay = _JITTER.uniform(delay / 2, delay)
             if elapsed + delay > deadline_s:
                 raise StorageError(
                     f"{what} failed after {attempt} attempt{'s' if attempt > 1 else ''} in "

@@ -18,6 +18,7 @@ import socket
 import threading
 import time
 import uuid
+import weakref
 from typing import TYPE_CHECKING, Optional
 
 from skyrl_callbacks.errors import CheckpointLockError
@@ -27,9 +28,16 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RunLock", "LOCK_FILE"]
+__all__ = ["RunLock", "LOCK_FILE", "stop_heartbeats"]
 
 LOCK_FILE = ".skyrl_lock.json"
+_LIVE: "weakref.WeakSet[RunLock]" = weakref.WeakSet()
+
+
+def stop_heartbeats() -> None:
+    """Stop the heartbeat threads of every lock of this process (locks stay on disk)."""
+    for lock in list(_LIVE):
+        lock._stop_heartbeat()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -113,12 +121,14 @@ class RunLock:
                 f"(owner now {back}). Use one ckpt_path per run."
             )
         self.held = True
+        _LIVE.add(self)
         if self.heartbeat_s > 0:
             self._stop.clear()
             self._thread = threading.Thread(target=self._beat, name="skyrl-lock-heartbeat", daemon=True)
             self._thread.start()
 
     def _beat(self) -> None:
+        failures = 0
         while not self._stop.wait(self.heartbeat_s):
             try:
                 rec = self.read()
@@ -126,15 +136,24 @@ class RunLock:
                     logger.error("lock on %s was taken by another run: %s", self.storage.root, rec)
                     return
                 self.storage.atomic_write(self.path, json.dumps(self._record()).encode())
+                failures = 0
             except Exception as exc:  # noqa: BLE001 - a missed heartbeat is not fatal
-                logger.warning("lock heartbeat failed: %s", exc)
+                failures += 1
+                logger.warning("lock heartbeat failed (%d in a row): %s", failures, exc)
+                if failures >= 3:  # the store is gone: stop rather than retry forever
+                    logger.error("lock heartbeat on %s stopped after %d failures", self.storage.root, failures)
+                    return
 
-    def release(self) -> None:
-        """Drop the lock (only if we still own it)."""
+    def _stop_heartbeat(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
+
+    def release(self) -> None:
+        """Drop the lock (only if we still own it)."""
+        self._stop_heartbeat()
+        _LIVE.discard(self)
         if not self.held:
             return
         self.held = False
