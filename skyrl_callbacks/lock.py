@@ -22,6 +22,7 @@ import weakref
 from typing import TYPE_CHECKING, Optional
 
 from skyrl_callbacks.errors import CheckpointLockError
+from skyrl_callbacks.storage import _pid_alive
 
 if TYPE_CHECKING:
     from skyrl_callbacks.storage import Storage
@@ -38,16 +39,6 @@ def stop_heartbeats() -> None:
     """Stop the heartbeat threads of every lock of this process (locks stay on disk)."""
     for lock in list(_LIVE):
         lock._stop_heartbeat()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class RunLock:
