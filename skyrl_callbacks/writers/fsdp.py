@@ -427,18 +427,7 @@ def _check_against_metadata(template: dict, metadata: Any, path: str, what: str,
         if isinstance(value, torch.Tensor) and md is not None and hasattr(md, "size"):
             if tuple(md.size) != _global_shape(value):
                 shapes.append(f"{key}: saved {tuple(md.size)}, model {_global_shape(value)}")
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[:5]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:5]})")
-        if shapes:
-            parts.append(f"{len(shapes)} with another shape (e.g. {shapes[:3]})")
-        raise IncompatibleCheckpointError(
-            f"{path}: does not match the {what}: {'; '.join(parts)}. "
-            f"Build the same architecture (and optimizer setup) as the run that saved it."
-        )
+    _raise_if_mismatch(path, what, missing, unexpected, shapes)
 
 
 def _own_dcp_files(storage: "Storage", path: str, rel_dir: str, rank: int, is_coordinator: bool) -> list[str]:
@@ -535,6 +524,23 @@ def _local_slices(value: torch.Tensor) -> list[tuple[tuple[slice, ...], torch.Te
         return out
     return [(tuple(slice(0, s) for s in value.shape), value)]
 
+
+
+def _raise_if_mismatch(path: str, what: str, missing: list, unexpected: list, shapes: list) -> None:
+    """One error listing missing, unexpected and reshaped entries (at most a few of each)."""
+    if not (missing or unexpected or shapes):
+        return
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {missing[:5]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:5]})")
+    if shapes:
+        parts.append(f"{len(shapes)} with another shape (e.g. {shapes[:3]})")
+    raise IncompatibleCheckpointError(
+        f"{path}: does not match the {what}: {'; '.join(parts)}. "
+        f"Build the same architecture (and optimizer setup) as the run that saved it."
+    )
 
 def _scatter_from_main(template: torch.Tensor, full: Optional[torch.Tensor], dist: "DistContext") -> None:
     """Collective: copy this rank's part of rank 0's ``full`` tensor into ``template`` in place.
@@ -1048,18 +1054,7 @@ def _check_full(full: Any, template: dict, path: str, what: str, strict: bool) -
         for p, v in t_paths.items()
         if p in f_paths and tuple(f_paths[p].shape) != _global_shape(v)
     ]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[:5]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:5]})")
-        if shapes:
-            parts.append(f"{len(shapes)} with another shape (e.g. {shapes[:3]})")
-        raise IncompatibleCheckpointError(
-            f"{path}: does not match the {what}: {'; '.join(parts)}. Build the same architecture "
-            f"(and optimizer setup) as the run that saved it."
-        )
+    _raise_if_mismatch(path, what, missing, unexpected, shapes)
 
 
 @contextlib.contextmanager
