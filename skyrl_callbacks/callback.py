@@ -289,16 +289,19 @@ class SkyRLCheckpoint(_CallbackBase):
         step = self._current_step(trainer, pl_module)
         if step is None or self.manager is None:
             return
+        # an async save started at an earlier step commits once every rank has written it
+        self._report(trainer, pl_module, self.manager.poll())
         save = self.manager.should_save(step)
         export = self.manager.should_export(step)
         preempted = self._preemption_requested(trainer) if self.config.preemption_signals else None
         if save or export or preempted:
             roles = self._roles(trainer, pl_module)
             if save or (preempted and self.manager.last_saved_step != step):
-                self._save(trainer, pl_module, roles, step)
+                self._save(trainer, pl_module, roles, step, blocking=bool(preempted))
             if export:
                 self._export(roles, step)
         if preempted:
+            self._report(trainer, pl_module, self.manager.wait())
             # The step is committed: stop like a finished run (exit code 0) instead of letting
             # Lightning raise SIGTERMException after this batch.
             _announce(f"[skyrl-ckpt] preempted ({preempted}): step {step} is saved; stopping. Rerun to resume.")
@@ -319,21 +322,30 @@ class SkyRLCheckpoint(_CallbackBase):
             self._save(trainer, pl_module, roles, self.step)
         if self.config.hf_save_interval > 0 and self.manager.last_exported_step != self.step:
             self._export(roles or self._roles(trainer, pl_module), self.step)
+        self._report(trainer, pl_module, self.manager.wait())  # the run ends with its last save committed
 
     # ------------------------------------------------------------------ actions
-    def _save(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", roles: list[Role], step: int) -> None:
+    def _save(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", roles: list[Role], step: int,
+              blocking: bool = False) -> None:
         t0 = time.perf_counter()
         trainer_state, data_state = self._trainer_state(trainer, pl_module, roles)
-        result = self.manager.save(step, roles, trainer_state=trainer_state, data_state=data_state)
+        result = self.manager.save(step, roles, trainer_state=trainer_state, data_state=data_state, blocking=blocking)
+        self._report(trainer, pl_module, result, time.perf_counter() - t0)
+
+    def _report(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", result: Optional[SaveResult],
+                seconds: Optional[float] = None) -> None:
+        """Print and log a save (a started async save logs its stall; its commit logs the rest)."""
+        if result is None:
+            return
         self.last_save = result
         if trainer.is_global_zero:
-            _print_summary(trainer, result, time.perf_counter() - t0)
+            _print_summary(trainer, result, result.seconds_total if seconds is None else seconds)
         if trainer.loggers:
             try:
                 pl_module.log_dict(result.as_metrics(), on_step=True, on_epoch=False, rank_zero_only=True)
             except Exception:  # noqa: BLE001 - logging is best effort (e.g. outside a loop)
                 for lg in trainer.loggers:
-                    lg.log_metrics(result.as_metrics(), step=step)
+                    lg.log_metrics(result.as_metrics(), step=result.step)
 
     def _export(self, roles: list[Role], step: int) -> None:
         policy = next((r for r in roles if r.name == "policy"), roles[0])
@@ -374,6 +386,16 @@ class SkyRLCheckpoint(_CallbackBase):
 
 def summary_line(result: SaveResult, seconds: float) -> str:
     """The one-line summary of a save: ``[skyrl-ckpt] step N: X MB in S s (G GB/s) -> path``."""
+    if result.pending:
+        return (
+            f"[skyrl-ckpt] step {result.step}: state copied in {result.seconds_blocked:.2f} s; "
+            f"writing in the background -> {result.path}"
+        )
+    if result.seconds_blocked < result.seconds_total - 1e-6:
+        return (
+            f"[skyrl-ckpt] step {result.step}: committed {result.bytes / 1e6:.1f} MB in {result.seconds_total:.2f} s "
+            f"({result.gbps:.2f} GB/s; training blocked {result.seconds_blocked:.2f} s) -> {result.path}"
+        )
     return (
         f"[skyrl-ckpt] step {result.step}: {result.bytes / 1e6:.1f} MB in {seconds:.2f} s "
         f"({result.gbps:.2f} GB/s) -> {result.path}"

@@ -101,7 +101,10 @@ class CheckpointConfig:
     """Verify checksums of every file against the manifest before resuming (sizes are always checked)."""
 
     async_save: bool = False
-    """Reserved for background saving; not available yet, so it must be false."""
+    """Write checkpoints in the background: the step's state is copied into reused host buffers
+    (the only time the training loop waits), a background thread writes it, and the checkpoint is
+    committed (pointer, retention) once every rank has finished. At most one save is in flight;
+    the next save, a resume and the end of training wait for it. See ``docs/async.md``."""
 
     save_on_train_end: bool = True
     """Save a final checkpoint (and export) at the end of ``fit`` if the last step was not saved."""
@@ -337,11 +340,6 @@ class CheckpointConfig:
                     f"'SIGTERM' or 'SIGUSR1'."
                 )
         self.preemption_signals = list(self.preemption_signals)
-        if self.async_save:
-            raise ConfigError(
-                "async_save=True: background saving is not available in this version; "
-                "set async_save=false (saves are synchronous and crash-safe)."
-            )
 
     # ------------------------------------------------------------------ helpers
     def to_dict(self) -> dict:

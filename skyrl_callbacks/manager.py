@@ -51,6 +51,8 @@ __all__ = ["CheckpointManager", "SaveResult", "ResumeState", "DATA_FILE", "TRAIN
 DATA_FILE = "data.pt"
 TRAINER_STATE_FILE = "trainer_state.pt"
 _SHARED_MARKER = ".skyrl_shared_storage_check"
+#: error classes re-raised as themselves (with the async context added to the message)
+_SIMPLE_ERRORS = (CheckpointError, StorageError, CorruptCheckpointError, IncompatibleCheckpointError)
 
 
 @dataclass
@@ -63,12 +65,16 @@ class SaveResult:
     seconds_total: float
     seconds_blocked: float
     files: int
+    #: an async save that is still being written (``bytes``/``seconds_total`` not known yet)
+    pending: bool = False
 
     @property
     def gbps(self) -> float:
         return self.bytes / 1e9 / self.seconds_total if self.seconds_total > 0 else 0.0
 
     def as_metrics(self) -> dict[str, float]:
+        if self.pending:
+            return {"ckpt/step": float(self.step), "ckpt/seconds_blocked": self.seconds_blocked}
         return {
             "ckpt/step": float(self.step),
             "ckpt/bytes": float(self.bytes),
@@ -87,6 +93,37 @@ class ResumeState:
     trainer_state: dict = field(default_factory=dict)
     rng: Optional[dict] = None
     data_state: Any = None
+
+
+@dataclass
+class _SaveJob:
+    """One save on its way: where it writes, and (async) the snapshot and the background future."""
+
+    step: int
+    roles: list
+    t0: float
+    final: str
+    staging: str
+    wstore: Storage
+    wstaging: str
+    parent: Optional[int]
+    local_stage: Optional[str] = None
+    snaps: Any = None
+    gathered: Any = None
+    trainer_state: Any = None
+    bg: Any = None
+    future: Any = None
+    algo: Optional[str] = None
+    seconds_blocked: float = 0.0
+    t_written: float = 0.0
+    t_done: float = 0.0
+
+    def cleanup(self, storage: Storage) -> None:
+        if self.local_stage is not None:
+            remove_local_stage(self.local_stage)
+            self.local_stage = None
+        if not storage.is_local:
+            storage.forget_written(self.final)
 
 
 class CheckpointManager:
@@ -110,6 +147,10 @@ class CheckpointManager:
         self._writers: dict[str, RoleWriter] = {}
         self._lock: Optional[RunLock] = RunLock(self.storage) if self.config.run_lock else None
         self._lock_taken = False
+        self._pending: Optional[_SaveJob] = None
+        self._stagers: dict[str, Any] = {}
+        self._pool: Any = None
+        self._bg_dist: Optional[DistContext] = None
 
     def acquire_lock(self) -> None:
         """Own ``ckpt_path`` (rank 0) before writing; collective.
@@ -127,10 +168,18 @@ class CheckpointManager:
             self._lock_taken = True
 
     def close(self) -> None:
-        """Release the run lock. Call when the run ends (the callback does it at teardown)."""
-        if self._lock is not None and self.dist.is_main:
-            self._lock.release()
-        self._lock_taken = False
+        """Commit an in-flight async save, then release the run lock and the staging buffers.
+        Call when the run ends (the integrations do). Collective while a save is in flight."""
+        try:
+            self.wait()
+        finally:
+            if self._lock is not None and self.dist.is_main:
+                self._lock.release()
+            self._lock_taken = False
+            self._stagers.clear()
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
 
     def _open_storage(self, url: str) -> Storage:
         return Storage(
@@ -185,18 +234,26 @@ class CheckpointManager:
         *,
         trainer_state: Optional[dict] = None,
         data_state: Any = None,
+        blocking: bool = False,
     ) -> SaveResult:
         """Write, commit and publish the checkpoint of ``step``. Collective: call on every rank.
+
+        With ``async_save`` (and not ``blocking``) this returns once the state is copied into
+        host buffers (``SaveResult.pending``); a background thread writes it, and :meth:`poll`
+        (every step), :meth:`wait`, the next save, :meth:`load` and :meth:`close` commit it.
+        At most one save is in flight: a new save first waits for the previous one.
 
         Args:
             step: the global step (SkyRL's: completed training iterations).
             roles: the roles to save (``policy`` and optionally ``critic``).
             trainer_state: framework state to store in ``trainer_state.pt`` (rank 0's is used).
             data_state: this rank's dataloader state (gathered into ``data.pt``).
+            blocking: save synchronously even when ``async_save`` is on (e.g. on preemption).
 
         Raises:
             CheckpointError: on every rank, when any rank failed; nothing committed is touched.
         """
+        self.wait()  # at most one save in flight: the previous one commits first
         t0 = time.perf_counter()
         dist, storage = self.dist, self.storage
         self.acquire_lock()
@@ -209,42 +266,36 @@ class CheckpointManager:
             self._storage_checked = True
         # Object stores, cloud_upload="staged": every rank writes into its own local stage,
         # then uploads exactly the files it wrote (below); the manifest is still written last.
-        stage: list[str] = []
-        wstore, wstaging = storage, staging
+        job = _SaveJob(step=step, roles=list(roles), t0=t0, final=final, staging=staging,
+                       wstore=storage, wstaging=staging, parent=self.last_saved_step)
+        handed_off = False
         try:
             if not storage.is_local and self.config.cloud_upload == "staged":
+                stage: list[str] = []
                 dist.run(
                     "prepare local stage",
                     lambda: stage.append(make_local_stage(self.config.cloud_staging_dir, token, dist.rank)),
                 )
-                wstore = Storage(stage[0])
-                wstaging = wstore.join(stage[0], rules.step_dirname(step))
-            return self._save_phases(step, roles, trainer_state, data_state, t0, final, staging, wstore, wstaging)
+                job.local_stage = stage[0]
+                job.wstore = Storage(stage[0])
+                job.wstaging = job.wstore.join(stage[0], rules.step_dirname(step))
+            if self.config.async_save and not blocking:
+                result = self._submit(job, trainer_state, data_state)
+                handed_off = True
+                return result
+            return self._save_sync(job, trainer_state, data_state)
         finally:
-            for path in stage:
-                remove_local_stage(path)
-            if not storage.is_local:
-                storage.forget_written(final)
+            if not handed_off:
+                job.cleanup(storage)
 
-    def _save_phases(
-        self,
-        step: int,
-        roles: Sequence["Role"],
-        trainer_state: Optional[dict],
-        data_state: Any,
-        t0: float,
-        final: str,
-        staging: str,
-        wstore: Storage,
-        wstaging: str,
-    ) -> SaveResult:
-        """Phases 2-5 of :meth:`save`; writers write into ``wstore``/``wstaging`` (a local stage
-        for staged cloud saves, else ``staging`` itself)."""
-        dist, storage = self.dist, self.storage
+    def _save_sync(self, job: "_SaveJob", trainer_state: Optional[dict], data_state: Any) -> SaveResult:
+        """Phases 2-5 of :meth:`save`: write (writers), checksum, upload, commit, retention."""
+        dist = self.dist
+        wstore, wstaging = job.wstore, job.wstaging
 
         def write_roles() -> list[str]:
             files: list[str] = []
-            for role in roles:
+            for role in job.roles:
                 role_dir = wstore.join(wstaging, role.name)
                 wstore.makedirs(role_dir)
                 written = self.writer_for(role).save(wstore, role_dir, role, dist)
@@ -252,37 +303,44 @@ class CheckpointManager:
             return files
 
         my_files = dist.run("write model/optimizer state", write_roles)
-        rank_state = {"rng": capture_rng(), "data": data_state}
-        gathered = dist.gather_to_main(rank_state)
-
-        def write_main() -> list[str]:
-            files = []
-            for role in roles:
-                files += self._write_hf_dir(
-                    wstore, wstore.join(wstaging, role.name, HF_DIR), role, f"{role.name}/{HF_DIR}"
-                )
-            data = {"format": "skyrl-callbacks", "world_size": dist.world_size, "per_rank": [g["data"] for g in gathered]}
-            torch_save(wstore, wstore.join(wstaging, DATA_FILE), data)
-            state = dict(trainer_state or {})
-            state.update(
-                global_step=int(step),
-                config=self.config.to_dict(),
-                world_size=dist.world_size,
-                rng_per_rank=[g["rng"] for g in gathered],
-                strategies={r.name: self.writer_for(r).kind for r in roles},
-                roles=[r.name for r in roles],
-            )
-            torch_save(wstore, wstore.join(wstaging, TRAINER_STATE_FILE), state)
-            return files + [DATA_FILE, TRAINER_STATE_FILE]
-
-        main_files = dist.run_on_main("write trainer state", write_main) or []
+        gathered = dist.gather_to_main({"rng": capture_rng(), "data": data_state})
+        main_files = dist.run_on_main("write trainer state", lambda: self._write_main(job, trainer_state, gathered)) or []
         algo = checksum_algo()
         my_hashes = dist.run("checksum", lambda: wstore.describe_files(wstaging, my_files + main_files, algo))
-        t_written = time.perf_counter()
-        if wstore is not storage:
+        job.t_written = time.perf_counter()
+        if wstore is not self.storage:
             # staged cloud save: each rank uploads its own files, concurrently, with retries
-            dist.run("upload", lambda: storage.upload_files(wstaging, final, my_files + main_files))
+            dist.run("upload", lambda: self.storage.upload_files(wstaging, job.final, my_files + main_files))
+        job.t_done = time.perf_counter()
+        return self._publish(job, my_hashes, algo, blocked=True)
+
+    def _write_main(self, job: "_SaveJob", trainer_state: Optional[dict], gathered: Optional[list]) -> list[str]:
+        """Rank 0: ``huggingface/`` metadata, ``data.pt`` and ``trainer_state.pt``."""
+        wstore, wstaging, dist = job.wstore, job.wstaging, self.dist
+        files = []
+        for role in job.roles:
+            files += self._write_hf_dir(wstore, wstore.join(wstaging, role.name, HF_DIR), role, f"{role.name}/{HF_DIR}")
+        gathered = gathered or []
+        data = {"format": "skyrl-callbacks", "world_size": dist.world_size, "per_rank": [g["data"] for g in gathered]}
+        torch_save(wstore, wstore.join(wstaging, DATA_FILE), data)
+        state = dict(trainer_state or {})
+        state.update(
+            global_step=int(job.step),
+            config=self.config.to_dict(),
+            world_size=dist.world_size,
+            rng_per_rank=[g["rng"] for g in gathered],
+            strategies={r.name: self.writer_for(r).kind for r in job.roles},
+            roles=[r.name for r in job.roles],
+        )
+        torch_save(wstore, wstore.join(wstaging, TRAINER_STATE_FILE), state)
+        return files + [DATA_FILE, TRAINER_STATE_FILE]
+
+    def _publish(self, job: "_SaveJob", my_hashes: dict, algo: str, *, blocked: bool) -> SaveResult:
+        """Collective: gather every rank's file list, commit (manifest last), move the pointer,
+        apply retention. Nothing is committed unless every rank's files are in place."""
+        dist, storage = self.dist, self.storage
         all_hashes = dist.gather_to_main(my_hashes)
+        step = job.step
 
         def commit() -> int:
             files: dict[str, dict] = {}
@@ -292,39 +350,187 @@ class CheckpointManager:
                 files,
                 step=step,
                 world_size=dist.world_size,
-                strategies={r.name: self.writer_for(r).kind for r in roles},
+                strategies={r.name: self.writer_for(r).kind for r in job.roles},
                 algo=algo,
-                extra={"parent_step": self.last_saved_step},
+                extra={"parent_step": job.parent},
             )
-            storage.commit(staging, final, manifest)
+            storage.commit(job.staging, job.final, manifest)
             storage.atomic_write(self.pointer_path, f"{int(step)}".encode())
             return sum(f["size"] for f in files.values())
 
+        t_commit = time.perf_counter()
         nbytes = dist.run_on_main("commit", commit)
         nbytes = dist.broadcast(nbytes)
         self.last_saved_step = step
         dist.run_on_main("retention", lambda: self._retention_after_commit(step))
-        total = time.perf_counter() - t0
+        now = time.perf_counter()
+        if blocked:
+            total = now - job.t0
+            stalled = total
+        else:  # background write end + the foreground commit, not the poll's lag
+            total = (job.t_done - job.t0) + (now - t_commit)
+            stalled = job.seconds_blocked + (now - t_commit)
         result = SaveResult(
             step=step,
-            path=final,
+            path=job.final,
             bytes=int(nbytes or 0),
             seconds_total=total,
-            seconds_blocked=total,
+            seconds_blocked=stalled,
             files=sum(len(h) for h in (all_hashes or [])),
         )
         self.last_result = result
         if dist.is_main:
             logger.info(
-                "checkpoint step %d: %.1f MB in %.2f s (%.2f GB/s, write %.2f s) -> %s",
+                "checkpoint step %d: %.1f MB in %.2f s (%.2f GB/s, write %.2f s, blocked %.2f s) -> %s",
                 step,
                 result.bytes / 1e6,
                 total,
                 result.gbps,
-                t_written - t0,
-                final,
+                job.t_written - job.t0,
+                stalled,
+                job.final,
             )
         return result
+
+    # ------------------------------------------------------------------ async save
+    def _submit(self, job: "_SaveJob", trainer_state: Optional[dict], data_state: Any) -> SaveResult:
+        """Foreground part of an async save: snapshot, then hand the write to the background."""
+        import copy
+
+        dist = self.dist
+
+        def prepare_dirs() -> None:
+            for role in job.roles:
+                job.wstore.makedirs(job.wstore.join(job.wstaging, role.name))
+
+        dist.run("prepare role directories", prepare_dirs)
+        job.snaps = dist.run(
+            "snapshot",
+            lambda: [self.writer_for(r).snapshot(r, dist, self._stager(r.name)) for r in job.roles],
+        )
+        gathered = dist.gather_to_main({"rng": capture_rng(), "data": data_state})
+        job.gathered = copy.deepcopy(gathered) if dist.is_main else None
+        job.trainer_state = copy.deepcopy(trainer_state) if dist.is_main else None
+        job.bg = self._background_dist()
+        job.seconds_blocked = time.perf_counter() - job.t0
+        job.future = self._executor().submit(self._write_in_background, job)
+        self._pending = job
+        self.last_saved_step = job.step  # should_save/finish see the step as taken
+        return SaveResult(step=job.step, path=job.final, bytes=0, seconds_total=0.0,
+                          seconds_blocked=job.seconds_blocked, files=0, pending=True)
+
+    def _write_in_background(self, job: "_SaveJob") -> dict:
+        """Background thread, every rank: write this rank's files, checksum them, upload them.
+
+        Collectives only through ``job.bg`` (a gloo group of its own), never the training group.
+        """
+        wstore, wstaging = job.wstore, job.wstaging
+        files: list[str] = []
+        for role, snap in zip(job.roles, job.snaps):
+            role_dir = wstore.join(wstaging, role.name)
+            written = self.writer_for(role).write_snapshot(wstore, role_dir, snap, job.bg)
+            files += [f"{role.name}/{f}" for f in written]
+        if self.dist.is_main:
+            files += self._write_main(job, job.trainer_state, job.gathered)
+        job.algo = checksum_algo()
+        hashes = wstore.describe_files(wstaging, files, job.algo)
+        job.t_written = time.perf_counter()
+        if wstore is not self.storage:
+            self.storage.upload_files(wstaging, job.final, files)
+        job.t_done = time.perf_counter()
+        return hashes
+
+    def _finalize(self, blocking: bool) -> Optional[SaveResult]:
+        job = self._pending
+        if job is None:
+            return None
+        dist = self.dist
+        if not blocking and not all(dist.all_gather(job.future.done())):
+            return None  # some rank is still writing: commit at a later step
+        error: Optional[BaseException] = None
+        my_hashes: dict = {}
+        try:
+            my_hashes = job.future.result()
+        except Exception as exc:  # noqa: BLE001 - raised collectively below
+            error = exc
+        self._pending = None
+        try:
+            try:
+                dist.agree(f"async save of global_step_{job.step} (background write)", error)
+
+                def finalize_roles() -> dict:
+                    extra: list[str] = []
+                    for role, snap in zip(job.roles, job.snaps):
+                        role_dir = job.wstore.join(job.wstaging, role.name)
+                        written = self.writer_for(role).finalize_snapshot(job.wstore, role_dir, snap, dist)
+                        extra += [f"{role.name}/{f}" for f in written]
+                    if not extra:
+                        return {}
+                    hashes = job.wstore.describe_files(job.wstaging, extra, job.algo)
+                    if job.wstore is not self.storage:
+                        self.storage.upload_files(job.wstaging, job.final, extra)
+                    return hashes
+
+                my_hashes = {**my_hashes, **dist.run("finalize async save", finalize_roles)}
+                job.snaps = None
+                return self._publish(job, my_hashes, job.algo or checksum_algo(), blocked=False)
+            except Exception as exc:
+                self.last_saved_step = job.parent
+                kept = "no earlier checkpoint" if job.parent is None else f"global_step_{job.parent}"
+                cls = type(exc) if type(exc) in _SIMPLE_ERRORS else CheckpointError
+                raise cls(
+                    f"async save of global_step_{job.step} failed: {type(exc).__name__}: {exc}. Nothing of it "
+                    f"was committed; the pointer still names {kept}."
+                ) from exc
+        finally:
+            job.cleanup(self.storage)
+
+    def poll(self) -> Optional[SaveResult]:
+        """Commit the in-flight async save if every rank has finished writing it.
+
+        Call once per training step on every rank (the integrations do); collective only while
+        a save is in flight (one small all-gather). Returns the committed save's result.
+
+        Raises:
+            CheckpointError: on every rank, when the background write failed on any rank.
+        """
+        return self._finalize(blocking=False) if self._pending is not None else None
+
+    def wait(self) -> Optional[SaveResult]:
+        """Block until the in-flight async save (if any) is written, then commit it. Collective."""
+        return self._finalize(blocking=True) if self._pending is not None else None
+
+    @property
+    def save_in_flight(self) -> bool:
+        """An async save has been started and not committed yet."""
+        return self._pending is not None
+
+    def _stager(self, name: str) -> Any:
+        from skyrl_callbacks.staging import Stager
+
+        if name not in self._stagers:
+            self._stagers[name] = Stager()
+        return self._stagers[name]
+
+    def _executor(self) -> Any:
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="skyrl-ckpt-save")
+        return self._pool
+
+    def _background_dist(self) -> DistContext:
+        """A DistContext on a gloo group of its own (created collectively at the first async
+        save): background collectives (DCP planning) never interleave with training's."""
+        if self._bg_dist is None:
+            if self.dist.enabled:
+                import torch.distributed as tdist
+
+                ranks = None if self.dist.group is None else tdist.get_process_group_ranks(self.dist.group)
+                self._bg_dist = DistContext(group=tdist.new_group(ranks=ranks, backend="gloo"))
+            else:
+                self._bg_dist = self.dist
+        return self._bg_dist
 
     def _prepare(self, staging: str) -> None:
         self.storage.makedirs(self.storage.root)
@@ -507,6 +713,7 @@ class CheckpointManager:
             CorruptCheckpointError: a file failed verification or cannot be read.
             IncompatibleCheckpointError: the checkpoint does not fit the roles.
         """
+        self.wait()  # an in-flight async save commits before anything is read
         dist = self.dist
         store = self._store_for(step_dir)
         problems = dist.broadcast(dist.run_on_main("verify", lambda: self.verify(step_dir)))

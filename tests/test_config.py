@@ -104,7 +104,7 @@ BAD = [
     ({"storage_options": "endpoint"}, ["storage_options", "dict"]),
     ({"state_dict_type": "gathered"}, ["state_dict_type", "sharded", "full"]),
     ({"verify_on_resume": "yes"}, ["verify_on_resume", "true or false"]),
-    ({"async_save": True}, ["async_save", "not available", "false"]),
+    ({"async_save": "yes"}, ["async_save", "yes", "true or false"]),
 ]
 
 

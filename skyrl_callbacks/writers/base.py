@@ -52,6 +52,26 @@ class RoleWriter(ABC):
             CorruptCheckpointError: a file cannot be read.
         """
 
+    # ------------------------------------------------------------------ async saving
+    # ``async_save=True`` splits a save in three parts (see docs/async.md):
+    #   1. ``snapshot`` (foreground, collective on the training group): a consistent copy of this
+    #      rank's state of ``role`` in reusable host buffers (``stager``); never aliases live tensors;
+    #   2. ``write_snapshot`` (background thread): writes the copy; collectives only through the
+    #      ``dist`` it is given (a dedicated gloo group), never through the training group;
+    #   3. ``finalize_snapshot`` (foreground, collective, once every rank's write finished): any
+    #      closing step that needs the training group (e.g. metadata written by a coordinator).
+    def snapshot(self, role: "Role", dist: "DistContext", stager: Any) -> Any:
+        """Foreground, collective: this rank's state of ``role`` copied into ``stager``'s buffers."""
+        raise NotImplementedError(f"{type(self).__name__} does not support async_save")
+
+    def write_snapshot(self, storage: "Storage", role_dir: str, snap: Any, dist: "DistContext") -> list[str]:
+        """Background thread: write ``snap`` under ``role_dir``; returns this rank's files (relative)."""
+        raise NotImplementedError(f"{type(self).__name__} does not support async_save")
+
+    def finalize_snapshot(self, storage: "Storage", role_dir: str, snap: Any, dist: "DistContext") -> list[str]:
+        """Foreground, collective, after every rank's ``write_snapshot`` returned: extra files written."""
+        return []
+
     def full_state_dict(self, role: "Role", dist: "DistContext") -> Iterator[tuple[str, "torch.Tensor"]]:
         """Yield ``(name, full tensor)`` of the model for HF export, on every rank.
 

@@ -689,6 +689,19 @@ class FSDPWriter(RoleWriter):
 
     # ------------------------------------------------------------------ save
     def save(self, storage: "Storage", role_dir: str, role: "Role", dist: "DistContext") -> list[str]:
+        return self._write(storage, role_dir, self._collect(role, dist), dist)
+
+    # async: the sharded layout stages this rank's shards (DTensor/ShardedTensor local pieces) and
+    # writes them through DCP over the background group; the full layout gathers in the
+    # foreground (collective) and rank 0 writes its host copy in the background.
+    def snapshot(self, role: "Role", dist: "DistContext", stager: Any) -> Any:
+        return stager.stage(self._collect(role, dist))
+
+    def write_snapshot(self, storage: "Storage", role_dir: str, snap: Any, dist: "DistContext") -> list[str]:
+        return self._write(storage, role_dir, snap, dist)
+
+    def _collect(self, role: "Role", dist: "DistContext") -> dict:
+        """Everything ``_write`` needs (live references; the caller stages them for async)."""
         strategy = fsdp_strategy_of(role.model) or "fsdp2"
         config = {
             "fsdp_strategy": strategy,
@@ -701,39 +714,52 @@ class FSDPWriter(RoleWriter):
             "torch_version": torch.__version__.split("+")[0],
         }
         if self.state_dict_type == "sharded":
-            written = self._save_sharded(storage, role_dir, role, dist)
+            model_sd = _model_sd(role)
+            optim = {f"optimizer_{i}": _optim_sd(role, opt) for i, opt in enumerate(role.optimizers)}
         else:
-            written = self._save_full(storage, role_dir, role, dist, strategy)
+            model_sd, optim_sds = self._gather_full_state(role, dist, strategy)
+            optim = optim_sds
+        return {
+            "config": config,
+            "model": model_sd,
+            "optim": optim,
+            "schedulers": pack_states(role.schedulers) if (role.schedulers and dist.is_main) else None,
+        }
+
+    def _write(self, storage: "Storage", role_dir: str, state: dict, dist: "DistContext") -> list[str]:
+        if self.state_dict_type == "sharded":
+            written = self._write_sharded(storage, role_dir, state, dist)
+        else:
+            written = self._write_full(storage, role_dir, state, dist)
 
         def _rank0_files() -> list[str]:
             if not dist.is_main:
                 return []
             out = []
-            if role.schedulers:
-                torch_save(storage, storage.join(role_dir, SCHEDULER_FILE), pack_states(role.schedulers))
+            if state["schedulers"] is not None:
+                torch_save(storage, storage.join(role_dir, SCHEDULER_FILE), state["schedulers"])
                 out.append(SCHEDULER_FILE)
-            _write_json(storage, storage.join(role_dir, FSDP_CONFIG_FILE), config)
+            _write_json(storage, storage.join(role_dir, FSDP_CONFIG_FILE), state["config"])
             out.append(FSDP_CONFIG_FILE)
             return out
 
         written += _collective(dist, "fsdp save (rank-0 files)", _rank0_files)
         return written
 
-    def _save_sharded(self, storage: "Storage", role_dir: str, role: "Role", dist: "DistContext") -> list[str]:
+    def _write_sharded(self, storage: "Storage", role_dir: str, state: dict, dist: "DistContext") -> list[str]:
         written: list[str] = []
-        model_sd = _model_sd(role)
         path = storage.join(role_dir, MODEL_DCP_DIR)
-        _dcp_save(model_sd, storage, path, dist, self.dcp_thread_count)
+        _dcp_save(state["model"], storage, path, dist, self.dcp_thread_count)
         written += _own_dcp_files(storage, path, MODEL_DCP_DIR, dist.rank, dist.is_main)
-        del model_sd
-        if role.optimizers:
-            osd = {f"optimizer_{i}": _optim_sd(role, opt) for i, opt in enumerate(role.optimizers)}
+        if state["optim"]:
             path = storage.join(role_dir, OPTIMIZER_DCP_DIR)
-            _dcp_save(osd, storage, path, dist, self.dcp_thread_count)
+            _dcp_save(state["optim"], storage, path, dist, self.dcp_thread_count)
             written += _own_dcp_files(storage, path, OPTIMIZER_DCP_DIR, dist.rank, dist.is_main)
         return written
 
-    def _save_full(self, storage: "Storage", role_dir: str, role: "Role", dist: "DistContext", strategy: str) -> list[str]:
+    @staticmethod
+    def _gather_full_state(role: "Role", dist: "DistContext", strategy: str) -> tuple[dict, list]:
+        """Collective: full model/optimizer state dicts on rank 0 (host memory)."""
         if strategy == "fsdp2":
             # torch.distributed.checkpoint.state_dict gathers DTensors one by one onto rank 0
             # (full_tensor + copy to CPU); never FSDP1's offload_to_cpu state_dict_config.
@@ -746,6 +772,12 @@ class FSDPWriter(RoleWriter):
             # Take the sharded (ShardedTensor/DTensor) state dicts and gather tensor by tensor.
             model_sd = _map_tensors(_model_sd(role), lambda t: _gather_full(t, dist))
             optim_sds = [_map_tensors(_optim_sd(role, opt), lambda t: _gather_full(t, dist)) for opt in role.optimizers]
+        if not dist.is_main:
+            return {}, []  # only rank 0 writes (and stages) the full state
+        return model_sd, optim_sds
+
+    def _write_full(self, storage: "Storage", role_dir: str, state: dict, dist: "DistContext") -> list[str]:
+        model_sd, optim_sds = state["model"], state["optim"]
 
         def _write() -> list[str]:
             if not dist.is_main:
@@ -757,7 +789,7 @@ class FSDPWriter(RoleWriter):
             dealias = lambda t: _own_storage(t, seen)  # noqa: E731
             torch_save(storage, storage.join(role_dir, MODEL_FILE), _map_tensors(model_sd, dealias))
             out = [MODEL_FILE]
-            if role.optimizers:
+            if optim_sds:
                 states = [_StaticState(_map_tensors(_osd_fqn_to_index(o, list(model_sd)), dealias)) for o in optim_sds]
                 torch_save(storage, storage.join(role_dir, OPTIMIZER_FILE), pack_states(states))
                 out.append(OPTIMIZER_FILE)

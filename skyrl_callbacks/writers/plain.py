@@ -79,16 +79,36 @@ class PlainWriter(RoleWriter):
     def save(self, storage: "Storage", role_dir: str, role: "Role", dist: "DistContext") -> list[str]:
         if not dist.is_main:
             return []
-        written = []
+        return self._write(storage, role_dir, self._collect(role))
+
+    # async: rank 0 copies its state (every DDP rank holds the same bytes); others stage nothing
+    def snapshot(self, role: "Role", dist: "DistContext", stager: Any) -> Any:
+        return stager.stage(self._collect(role)) if dist.is_main else None
+
+    def write_snapshot(self, storage: "Storage", role_dir: str, snap: Any, dist: "DistContext") -> list[str]:
+        return [] if snap is None else self._write(storage, role_dir, snap)
+
+    @staticmethod
+    def _collect(role: "Role") -> dict:
+        """The live state of ``role`` (references, not copies) in the shape ``_write`` takes."""
         model = unwrap_model(role.model)
         sd = role.model_state_dict() if model is role.model else _filtered(model.state_dict(), role)
-        torch_save(storage, storage.join(role_dir, MODEL_FILE), sd)
+        return {
+            "model": sd,
+            "optimizer": pack_states(role.optimizers) if role.optimizers else None,
+            "scheduler": pack_states(role.schedulers) if role.schedulers else None,
+        }
+
+    @staticmethod
+    def _write(storage: "Storage", role_dir: str, state: dict) -> list[str]:
+        written = []
+        torch_save(storage, storage.join(role_dir, MODEL_FILE), state["model"])
         written.append(MODEL_FILE)
-        if role.optimizers:
-            torch_save(storage, storage.join(role_dir, OPTIMIZER_FILE), pack_states(role.optimizers))
+        if state["optimizer"] is not None:
+            torch_save(storage, storage.join(role_dir, OPTIMIZER_FILE), state["optimizer"])
             written.append(OPTIMIZER_FILE)
-        if role.schedulers:
-            torch_save(storage, storage.join(role_dir, SCHEDULER_FILE), pack_states(role.schedulers))
+        if state["scheduler"] is not None:
+            torch_save(storage, storage.join(role_dir, SCHEDULER_FILE), state["scheduler"])
             written.append(SCHEDULER_FILE)
         return written
 

@@ -1,0 +1,140 @@
+"""Stager: reusable host buffers that hold a consistent copy of training state.
+
+An async save copies the step's state here in the foreground (the only part the training
+loop waits for) and writes the copy in the background. The buffers are allocated at the
+first save and reused by the next ones (a copy into warm memory is several times faster
+than into fresh pages), pinned when the source lives on a GPU so the device-to-host copy
+runs at full PCIe/NVLink-C2C speed.
+
+A staged tree never aliases a live tensor: changing the weights right after ``stage``
+returns does not change the copy. Tensors that share storage in the source (tied weights)
+share one buffer in the copy, so a ``torch.save`` of the copy keeps the tie.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from typing import Any, Optional
+
+import torch
+
+__all__ = ["Stager"]
+
+
+def _is_dtensor(value: Any) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - very old torch
+        return False
+    return isinstance(value, DTensor)
+
+
+def _is_sharded_tensor(value: Any) -> bool:
+    try:
+        from torch.distributed._shard.sharded_tensor import ShardedTensor
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(value, ShardedTensor)
+
+
+class Stager:
+    """Copy nested state (dicts, lists, tensors, DTensors, ShardedTensors) into reused buffers.
+
+    Args:
+        pin_memory: pin buffers of CUDA sources (default: when CUDA is available).
+    """
+
+    def __init__(self, pin_memory: Optional[bool] = None) -> None:
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
+        self._buffers: dict[tuple, torch.Tensor] = {}
+        self._wrappers: dict[tuple, Any] = {}
+        self._memo: dict[tuple, torch.Tensor] = {}
+        self._async_cuda = False
+        #: bytes of tensor data copied by the last :meth:`stage`
+        self.last_bytes = 0
+
+    @property
+    def buffer_bytes(self) -> int:
+        """Bytes held by the reusable buffers."""
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+    def release(self) -> None:
+        """Drop every buffer (the next ``stage`` allocates again)."""
+        self._buffers.clear()
+        self._wrappers.clear()
+
+    @torch.no_grad()
+    def stage(self, tree: Any) -> Any:
+        """A copy of ``tree`` whose tensors live in this stager's host buffers.
+
+        The copy is complete when this returns (device-to-host copies are synchronised).
+        """
+        self._memo = {}
+        self._async_cuda = False
+        self.last_bytes = 0
+        try:
+            out = self._stage(tree, ())
+            if self._async_cuda:
+                torch.cuda.synchronize()
+            return out
+        finally:
+            self._memo = {}
+
+    # ------------------------------------------------------------------ internals
+    def _stage(self, obj: Any, path: tuple) -> Any:
+        if _is_dtensor(obj):
+            return self._stage_dtensor(obj, path)
+        if _is_sharded_tensor(obj):
+            return self._stage_sharded(obj, path)
+        if isinstance(obj, torch.Tensor):
+            return self._stage_tensor(obj, path)
+        if isinstance(obj, dict):
+            items = [(k, self._stage(v, path + (k,))) for k, v in obj.items()]
+            return OrderedDict(items) if isinstance(obj, OrderedDict) else dict(items)
+        if isinstance(obj, list):
+            return [self._stage(v, path + (i,)) for i, v in enumerate(obj)]
+        if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+            return tuple(self._stage(v, path + (i,)) for i, v in enumerate(obj))
+        return copy.deepcopy(obj)
+
+    def _stage_tensor(self, t: torch.Tensor, path: tuple) -> torch.Tensor:
+        t = t.detach()
+        key = None
+        if t.numel() > 0 and t.device.type != "meta":
+            key = (t.device, t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
+            shared = self._memo.get(key)
+            if shared is not None:
+                return shared
+        buf = self._buffers.get(path)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            pin = self.pin_memory and t.is_cuda
+            buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin)
+            self._buffers[path] = buf
+        non_blocking = t.is_cuda and buf.is_pinned()
+        buf.copy_(t, non_blocking=non_blocking)
+        self._async_cuda = self._async_cuda or non_blocking
+        self.last_bytes += buf.numel() * buf.element_size()
+        if key is not None:
+            self._memo[key] = buf
+        return buf
+
+    def _stage_dtensor(self, t: Any, path: tuple) -> Any:
+        local = self._stage_tensor(t._local_tensor, path + ("<local>",))
+        wrapper = self._wrappers.get(path)
+        if wrapper is None or wrapper.shape != t.shape or wrapper.placements != t.placements or wrapper.dtype != t.dtype:
+            # One-time: a DTensor with the same spec; its local tensor is swapped for our buffer.
+            wrapper = copy.deepcopy(t.detach()) if t.device.type == "cpu" else t.detach().to("cpu")
+            self._wrappers[path] = wrapper
+        wrapper._local_tensor = local
+        return wrapper
+
+    def _stage_sharded(self, t: Any, path: tuple) -> Any:
+        wrapper = self._wrappers.get(path)
+        shards = t.local_shards()
+        if wrapper is None or wrapper.size() != t.size() or len(wrapper.local_shards()) != len(shards):
+            wrapper = copy.deepcopy(t) if t.device.type == "cpu" else t.to("cpu")
+            self._wrappers[path] = wrapper
+        for i, (dst, src) in enumerate(zip(wrapper.local_shards(), shards)):
+            dst.tensor = self._stage_tensor(src.tensor, path + ("<shard>", i))
+        return wrapper
