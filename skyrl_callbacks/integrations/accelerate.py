@@ -24,7 +24,18 @@ What :func:`bind` does:
 * makes the dataloader resumable at the exact batch (see :class:`DataState`);
 * resumes from the checkpoint ``resume_mode`` selects: weights, optimizer and scheduler
   states, the step, the dataloader position, the GradScaler, ``accelerator.step`` and
-  every process's RNG states; then prints ``[skyrl-ckpt] resumed from ...``.
+  every process's RNG states; then prints ``[skyrl-ckpt] resumed from ...``;
+* installs the preemption handlers (``preemption_signals``, default SIGTERM and SIGUSR1).
+
+Preemption: the handler only records the signal. At the end of the iteration in progress,
+:func:`step` agrees on it across ranks (one small all-reduce per step when there are several
+processes, so a signal that reached one rank stops them all), saves and commits that step
+(unless it was just saved), releases the ``ckpt_path`` lock and raises :class:`Preempted`, a
+``SystemExit`` with code 0, on every rank: an unmodified loop exits cleanly and a rerun
+resumes at the next step. With ``bind(..., exit_on_preemption=False)`` :func:`step` returns
+instead and ``state.should_stop`` is true; break out of the loop (``finish()`` then neither
+saves again nor exports). The previous signal handlers come back at :func:`finish` or when the
+run stops.
 
 Data position: a loader returned by ``accelerator.prepare`` (``DataLoaderShard``) keeps
 its sharding, device placement and RNG synchronisation, but its inner ``DataLoader`` is
@@ -65,9 +76,28 @@ from skyrl_callbacks.roles import Role, assign_optimizers
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["bind", "step", "finish", "LoopState", "DataState", "unwrap_optimizer", "unwrap_scheduler"]
+__all__ = ["bind", "step", "finish", "LoopState", "DataState", "Preempted", "unwrap_optimizer", "unwrap_scheduler"]
 
-_BIND_KEYS = ("policy", "critic", "ref", "optimizers", "schedulers", "dataloader", "tokenizer", "extra_state")
+
+class Preempted(SystemExit):
+    """Raised by ``ckpt.step()`` on every rank once a preempted step is saved and committed.
+
+    A ``SystemExit`` with code 0: uncaught, the process exits cleanly. ``signal`` is the name of
+    the signal (``"SIGTERM"``...; ``"signal"`` on ranks that did not receive it themselves) and
+    ``step`` the committed step.
+    """
+
+    def __init__(self, signal_name: str, step: int) -> None:
+        super().__init__(0)
+        self.signal = signal_name
+        self.step = step
+
+    def __str__(self) -> str:
+        return f"preempted ({self.signal}) after step {self.step}, which is saved"
+
+
+_BIND_KEYS = ("policy", "critic", "ref", "optimizers", "schedulers", "dataloader", "tokenizer", "extra_state",
+              "exit_on_preemption")
 _ITERATION_KEY = "accelerate_iteration"
 
 
@@ -121,6 +151,13 @@ class LoopState:
         self._callback = callback
         self.resumed_from: Optional[str] = None
         self.data: Optional["DataState"] = None
+        #: the signal that preempted the run (``"signal"`` on ranks that only agreed), or None
+        self.preempted: Optional[str] = None
+
+    @property
+    def should_stop(self) -> bool:
+        """True once a preemption signal was handled: the current step is saved; leave the loop."""
+        return self.preempted is not None
 
     @property
     def step(self) -> int:
@@ -324,8 +361,12 @@ class _Binding:
     """What :func:`bind` learnt about the loop; kept on the callback as ``_binding``."""
 
     def __init__(self, accelerator: Any, models: dict, optimizers: list, schedulers: list, tokenizer: Any,
-                 data: Optional[DataState], extra_state: dict) -> None:
+                 data: Optional[DataState], extra_state: dict, exit_on_preemption: bool = True) -> None:
         self.accelerator = accelerator
+        self.exit_on_preemption = exit_on_preemption
+        #: name of the preemption signal this process received (set by the handler), or None
+        self.signal_received: Optional[str] = None
+        self.previous_handlers: dict = {}
         self.models = models
         self.optimizers = optimizers
         self.schedulers = schedulers
@@ -443,6 +484,12 @@ def bind(callback: Any, accelerator: Any = None, **roles_and_state: Any) -> Loop
         if not isinstance(critic, torch.nn.Module):
             raise ConfigError(f"bind(): critic= must be a torch.nn.Module or None, got {type(critic).__name__}.")
         models["critic"] = _model_for_role(critic)
+    exit_on_preemption = roles_and_state.get("exit_on_preemption", True)
+    if not isinstance(exit_on_preemption, bool):
+        raise ConfigError(
+            f"bind(): exit_on_preemption={exit_on_preemption!r} must be true (ckpt.step() exits the process with "
+            f"code 0 after saving a preempted step) or false (check state.should_stop and leave the loop)."
+        )
     extra_state = dict(roles_and_state.get("extra_state") or {})
     for name, obj in extra_state.items():
         if not _has_state(obj):
@@ -457,6 +504,7 @@ def bind(callback: Any, accelerator: Any = None, **roles_and_state: Any) -> Loop
         roles_and_state.get("tokenizer"),
         _data_state(roles_and_state.get("dataloader")),
         extra_state,
+        exit_on_preemption,
     )
     loop = LoopState(callback)
     loop.data = binding.data
@@ -467,8 +515,16 @@ def bind(callback: Any, accelerator: Any = None, **roles_and_state: Any) -> Loop
     callback.step = 0
     callback.resumed_step = None
 
+    _restore_signal_handlers(getattr(callback, "_binding_previous", None))  # a second bind() on this callback
     callback.manager.acquire_lock()  # fail before training if another live run owns ckpt_path
-    state = callback.manager.resume(binding.roles)
+    if callback.config.preemption_signals:
+        _install_signal_handlers(binding, callback.config.preemption_signals)
+    callback._binding_previous = binding
+    try:
+        state = callback.manager.resume(binding.roles)
+    except BaseException:
+        _restore_signal_handlers(binding)
+        raise
     if state is not None:
         binding.apply_trainer_state(state.trainer_state)
         if binding.data is not None:
@@ -484,6 +540,63 @@ def bind(callback: Any, accelerator: Any = None, **roles_and_state: Any) -> Loop
             restore_rng(state.rng)  # last: nothing after it may draw
         _say(binding, f"[skyrl-ckpt] resumed from {state.path}; continuing at step {int(callback.step) + 1}")
     return loop
+
+
+def _install_signal_handlers(binding: _Binding, names: Sequence[str]) -> None:
+    """Record the configured preemption signals in ``binding`` (main thread only).
+
+    The handler only sets a flag: saving inside a signal handler could run a collective while
+    the loop is in another one. :func:`step` acts on the flag at the end of the iteration.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        logger.warning("bind() runs outside the main thread: preemption signals are not handled")
+        return
+    for name in names:
+        signum = getattr(signal, name)
+
+        def handler(sig: int, frame: Any, _name: str = name) -> None:
+            if binding.signal_received is None:
+                binding.signal_received = _name
+
+        binding.previous_handlers[signum] = signal.signal(signum, handler)
+
+
+def _restore_signal_handlers(binding: Optional[_Binding]) -> None:
+    import signal
+
+    if binding is None:
+        return
+    for signum, previous in binding.previous_handlers.items():
+        try:
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        except (ValueError, TypeError):  # not the main thread
+            pass
+    binding.previous_handlers = {}
+
+
+def _preemption_agreed(binding: _Binding) -> Optional[str]:
+    """The preemption signal if any rank received one (every rank gets the same answer). Collective."""
+    import torch
+    import torch.distributed as tdist
+
+    mine = binding.signal_received
+    if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
+        return mine
+    acc = binding.accelerator
+    if acc is not None:
+        device = torch.device(acc.device)
+    elif "nccl" in str(tdist.get_backend()).lower() and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+    flag = torch.tensor([0 if mine is None else 1], dtype=torch.int32, device=device)
+    tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
+    if int(flag.item()) == 0:
+        return None
+    return mine or "signal"
 
 
 def _note_existing_export(manager: CheckpointManager, step: int) -> None:
@@ -525,11 +638,20 @@ def step(callback: Any, step: Optional[int] = None) -> Optional[SaveResult]:
     callback.step = int(callback.step) + 1 if step is None else int(step)
     current = int(callback.step)
     manager: CheckpointManager = callback.manager
+    preempted = _preemption_agreed(binding) if binding.previous_handlers else None
     result = None
-    if manager.should_save(current):
+    if manager.should_save(current) or (preempted and manager.last_saved_step != current):
         result = _save(callback, binding, current)
     if manager.should_export(current):
         _export(callback, binding, current)
+    if preempted:
+        loop = callback.loop_state
+        loop.preempted = preempted
+        _say(binding, f"[skyrl-ckpt] preempted ({preempted}): step {current} is saved; stopping. Rerun to resume.")
+        _restore_signal_handlers(binding)
+        manager.close()  # the run stops here: release the ckpt_path lock
+        if binding.exit_on_preemption:
+            raise Preempted(preempted, current)
     return result
 
 
@@ -548,12 +670,15 @@ def finish(callback: Any) -> Optional[SaveResult]:
     try:
         if not callback.config.save_on_train_end or current <= 0:
             return None
+        if callback.loop_state is not None and callback.loop_state.should_stop:
+            return None  # preempted: that step is saved; no final export of an unfinished run
         if manager.last_saved_step != current:
             result = _save(callback, binding, current)
         if callback.config.hf_save_interval > 0 and manager.last_exported_step != current:
             _export(callback, binding, current)
         return result
     finally:
+        _restore_signal_handlers(binding)
         manager.close()  # the run is over: release the ckpt_path lock
 
 

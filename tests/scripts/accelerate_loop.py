@@ -18,6 +18,7 @@ import json
 import os
 import random
 import signal
+import time
 
 import numpy as np
 import torch
@@ -65,6 +66,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--gpu", action="store_true", help="one GPU per process (default: Accelerator(cpu=True))")
     p.add_argument("--fsdp", action="store_true", help="FSDP2 through accelerate's plugin (GPUs)")
+    p.add_argument("--step-sleep", type=float, default=0.0, help="seconds to sleep in every step (preemption tests)")
+    p.add_argument("--no-exit-on-preemption", action="store_true",
+                   help="bind(exit_on_preemption=False): the loop checks state.should_stop and breaks")
     args = p.parse_args()
 
     plugin = {}
@@ -116,7 +120,8 @@ def main() -> None:
            "export_path": args.export_path or args.ckpt_path + "_export"}
     ckpt = SkyRLCheckpoint(cfg)
     state = ckpt.bind(accelerator, policy=policy, critic=critic, ref=ref, optimizers=[opt_p, opt_c],
-                      schedulers=[sch_p, sch_c], dataloader=loader)
+                      schedulers=[sch_p, sch_c], dataloader=loader,
+                      exit_on_preemption=not args.no_exit_on_preemption)
     batches = state.batches()
     for step in range(state.step + 1, args.steps + 1):
         xb, idx = next(batches)
@@ -135,9 +140,14 @@ def main() -> None:
         sch_c.step()
         opt_p.zero_grad()
         opt_c.zero_grad()
-        ckpt.step()
+        if args.step_sleep:
+            time.sleep(args.step_sleep)
+        ckpt.step()  # on a preemption signal: saves this step, then exits with code 0 (SystemExit)
         if step == args.kill_at_step:
             kill_everything(accelerator)
+        if state.should_stop:  # only with --no-exit-on-preemption
+            print(f"[loop] rank {rank} leaves the loop after step {step}", flush=True)
+            break
     ckpt.finish()
 
     unwrap = accelerator.unwrap_model
