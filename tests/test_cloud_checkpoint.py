@@ -257,6 +257,29 @@ def test_memory_url_save_resume_retention(mode, tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["staged", "stream"])
+def test_async_save_uploads_in_the_background(cloud, mode, tmp_path):
+    """async_save on object stores: the upload runs in the background, the manifest and the
+    pointer follow at the commit, retention after it; the checkpoint holds the saved step."""
+    cfg = config(cloud, tmp_path, max_ckpts_to_keep=2, cloud_upload=mode, async_save=True)
+    m, roles = make()
+    mgr = CheckpointManager(cfg)
+    snaps = {}
+    for step in (1, 2, 3):
+        train(m, roles)
+        snaps[step] = snapshot(m, roles)
+        assert mgr.save(step, roles, data_state={"pos": step}).pending
+        train(m, roles)  # the weights move on while the upload runs
+    assert mgr.committed_steps() == [1, 2] and mgr.read_pointer() == 2
+    mgr.close()
+    assert mgr.committed_steps() == [2, 3] and mgr.read_pointer() == 3
+    assert stage_leftovers(tmp_path) == []
+    m2, roles2 = make(seed=7)
+    state = CheckpointManager({**cfg, "verify_on_resume": True}).resume(roles2)
+    assert (state.step, state.data_state) == (3, {"pos": 3})
+    assert_same(snaps[3], snapshot(m2, roles2))
+
+
+@pytest.mark.parametrize("mode", ["staged", "stream"])
 def test_save_resume_retention(cloud, mode, tmp_path):
     """Save 4 steps keeping 2; resume bitwise; the manifest lists every object with its size."""
     cfg = config(cloud, tmp_path, max_ckpts_to_keep=2, cloud_upload=mode)

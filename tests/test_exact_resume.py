@@ -33,6 +33,10 @@ CASES = [
     ("ddp2-manual-w0-mid", ["--steps", "8", "--interval", "3", "--manual", "--devices", "2"], (4, 3), 2),
     ("ddp2-auto-mixin-w2-boundary", ["--steps", "8", "--interval", "5", "--devices", "2", "--loader", "mixin",
                                      "--num-workers", "2"], (7, 5), 2),
+    # async_save: the kill comes right after step 10's save was started (not committed): the save
+    # at 10 first committed step 5 (at most one in flight), so the rerun resumes from 5
+    ("async-kill-in-flight", B + ["--async-save", "--shuffle", "generator"], (10, 5), 1),
+    ("ddp2-async-kill-in-flight", ["--steps", "8", "--interval", "3", "--devices", "2", "--async-save"], (6, 3), 2),
 ]
 
 

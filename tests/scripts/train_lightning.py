@@ -107,6 +107,7 @@ def main() -> None:
     p.add_argument("--log", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--async-save", action="store_true", help="async_save=True")
     p.add_argument("--storage-options", default=None, help="JSON dict of fsspec options (cloud ckpt paths)")
     args = p.parse_args()
 
@@ -137,6 +138,8 @@ def main() -> None:
     module = RLModule(args.manual, args.log)
     cfg = {"ckpt_interval": args.interval, "ckpt_path": args.ckpt_path, "max_ckpts_to_keep": args.keep,
            "hf_save_interval": args.hf_interval, "export_path": args.export_path or args.ckpt_path + "_export"}
+    if args.async_save:
+        cfg["async_save"] = True
     if args.storage_options:
         cfg["storage_options"] = json.loads(args.storage_options)
     callbacks = [SkyRLCheckpoint(cfg)]
