@@ -250,8 +250,11 @@ class Storage:
         is written (multipart), aborts on error and records the size and checksum.
         """
         if self.is_local:
+            if mode == "wb":
+                self.makedirs(os.path.dirname(path) or ".")
+                return _LocalWriter(path)
             if "w" in mode or "a" in mode:
-                os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+                self.makedirs(os.path.dirname(path) or ".")
             return open(path, mode)
         if mode in ("rb", "r"):
             fh = self._open_read(path)
@@ -302,12 +305,15 @@ class Storage:
     def write_bytes(self, path: str, data: bytes, *, fsync: bool = True) -> None:
         """Write a whole file (not atomic on its own; see :meth:`atomic_write`)."""
         if self.is_local:
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            with open(path, "wb") as fh:
-                fh.write(data)
-                if fsync:
-                    fh.flush()
-                    os.fsync(fh.fileno())
+            self.makedirs(os.path.dirname(path) or ".")
+            try:
+                with open(path, "wb") as fh:
+                    fh.write(data)
+                    if fsync:
+                        fh.flush()
+                        os.fsync(fh.fileno())
+            except OSError as exc:
+                raise local_io_error(exc, path, "writing") from exc
             return
         self._put_bytes(path, data)
 
@@ -323,7 +329,7 @@ class Storage:
         PUT on object stores (readers see the old or the new object, never a torn one)."""
         if self.is_local:
             directory = os.path.dirname(path) or "."
-            os.makedirs(directory, exist_ok=True)
+            self.makedirs(directory)
             tmp = os.path.join(directory, f"{TMP_PREFIX}{os.path.basename(path)}-{uuid.uuid4().hex[:8]}")
             try:
                 with open(tmp, "wb") as fh:
@@ -331,6 +337,8 @@ class Storage:
                     fh.flush()
                     os.fsync(fh.fileno())
                 os.replace(tmp, path)
+            except OSError as exc:
+                raise local_io_error(exc, path, "writing") from exc
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
@@ -340,7 +348,10 @@ class Storage:
 
     def makedirs(self, path: str) -> None:
         if self.is_local:
-            os.makedirs(path, exist_ok=True)
+            try:
+                os.makedirs(path, exist_ok=True)
+            except OSError as exc:
+                raise local_io_error(exc, path, "creating the directory") from exc
         # object stores have no directories
 
     def rm(self, path: str, recursive: bool = True) -> None:
@@ -459,7 +470,7 @@ class Storage:
         if self.supports_rename:
             if os.path.exists(staging):
                 self.rm(staging)
-            os.makedirs(staging, exist_ok=True)
+            self.makedirs(staging)
             return
         self.forget_written(staging)
         if self.exists(staging):
@@ -498,13 +509,16 @@ class Storage:
             self.forget_written(final_dir)
             return
         self.write_bytes(os.path.join(staging, MANIFEST_FILE), data)
-        _fsync_tree(staging)
         parent = os.path.dirname(final_dir.rstrip("/"))
         trash = None
-        if os.path.exists(final_dir):
-            trash = os.path.join(parent, f"{TRASH_PREFIX}{os.path.basename(final_dir)}-{uuid.uuid4().hex[:8]}")
-            os.rename(final_dir, trash)
-        os.rename(staging, final_dir)
+        try:
+            _fsync_tree(staging)  # a full disk can surface here (delayed allocation)
+            if os.path.exists(final_dir):
+                trash = os.path.join(parent, f"{TRASH_PREFIX}{os.path.basename(final_dir)}-{uuid.uuid4().hex[:8]}")
+                os.rename(final_dir, trash)
+            os.rename(staging, final_dir)
+        except OSError as exc:
+            raise local_io_error(exc, final_dir, "committing") from exc
         _fsync_dir(parent)
         if trash is not None:
             self.rm(trash)
@@ -552,6 +566,100 @@ class Storage:
             for n in self.listdir(self.root)
             if n.startswith(TMP_PREFIX) or n.startswith(TRASH_PREFIX)
         ]
+
+
+def local_io_error(exc: OSError, path: str, action: str) -> OSError:
+    """A :class:`StorageError` that names the cause and the fix, for the local errors a user can act
+    on (full disk, read-only or unwritable directory, a file where a directory should be); other
+    errors are returned unchanged."""
+    import errno as _errno
+
+    if isinstance(exc, StorageError):
+        return exc
+    code = exc.errno
+    where = f"{action} {path}"
+    if code in (_errno.ENOSPC, getattr(_errno, "EDQUOT", -1)):
+        msg = (f"{where}: no space left on the device (or the disk quota is exhausted). Free space there, point "
+               f"ckpt_path/export_path at a larger volume, or keep fewer checkpoints (max_ckpts_to_keep). "
+               f"Checkpoints committed earlier are untouched.")
+    elif code in (_errno.EROFS, _errno.EACCES, _errno.EPERM):
+        msg = (f"{where}: the location is not writable ({exc.strerror}). Make the directory writable for this user "
+               f"(uid {os.getuid() if hasattr(os, 'getuid') else '?'}), or point ckpt_path/export_path at a "
+               f"writable directory.")
+    elif code in (_errno.ENOTDIR, _errno.EEXIST):
+        msg = (f"{where}: a part of the path is a file, not a directory ({exc.strerror}). ckpt_path/export_path "
+               f"must name directories: move the file away or choose another path.")
+    else:
+        return exc
+    out = StorageError(msg)
+    out.errno = code  # (no filename/strerror: str() stays the message)
+    return out
+
+
+class _LocalRaw(io.RawIOBase):
+    """Unbuffered local file that loops over short writes and keeps the first OS error."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+        self.error: Optional[OSError] = None
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o666)
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def write(self, data) -> int:  # type: ignore[override]
+        mv = memoryview(data).cast("B")
+        done = 0
+        while done < mv.nbytes:
+            try:
+                n = os.write(self._fd, mv[done:])
+            except OSError as exc:
+                if self.error is None:
+                    self.error = exc
+                raise
+            if n == 0:  # pragma: no cover - write(2) returns 0 only for a zero-length request
+                break
+            done += n
+        return done
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                os.close(self._fd)
+            finally:
+                super().close()
+
+
+class _LocalWriter(io.BufferedWriter):
+    """A local ``"wb"`` file for writers such as ``torch.save``.
+
+    ``torch.save`` swallows the ``OSError`` of a failed write and raises an unreadable
+    ``RuntimeError`` ("unexpected pos ..."); leaving the ``with`` block, this writer replaces
+    that with the OS error it hit, as a :class:`StorageError` naming the cause and the fix.
+    """
+
+    def __init__(self, path: str) -> None:
+        try:
+            raw = _LocalRaw(path)
+        except OSError as exc:
+            raise local_io_error(exc, path, "writing") from exc
+        super().__init__(raw, buffer_size=1 << 20)
+        self._path = path
+
+    def __exit__(self, et, ev, tb) -> bool:
+        error = None
+        try:
+            self.close()
+        except OSError as exc:  # the final flush
+            error = exc
+        error = self.raw.error or error
+        if error is not None:
+            raise local_io_error(error, self._path, "writing") from error
+        return False
 
 
 class _HashingWriter(io.RawIOBase):
@@ -630,7 +738,10 @@ def _make_fs(protocol: str, storage_options: dict):
     try:
         return fsspec.filesystem(protocol, **storage_options)
     except (ImportError, ValueError) as exc:
-        raise StorageError(f"cannot open a {protocol}:// filesystem: {exc}") from exc
+        raise StorageError(
+            f"cannot open a {protocol}:// filesystem: {exc}. Use a local path, s3://, gs:// or the URL of an "
+            f"installed fsspec filesystem (check the scheme for typos), with its options in storage_options."
+        ) from exc
 
 
 def _fsync_dir(path: str) -> None:
