@@ -114,8 +114,6 @@ def phase_save2(work: str, dist, res: Results) -> None:
     H.train(role, 2)
     writer = MegatronWriter(thread_count=1)
     ref = H.full_state(writer, role, dist)
-    tracker = H.seed_tp_tracker(100 + rank)
-    cpu_rng = torch.get_rng_state()
     mgr = _manager(os.path.join(work, "mgr_tp2"))
     state = {}
 
@@ -124,6 +122,20 @@ def phase_save2(work: str, dist, res: Results) -> None:
         state["dir"] = result.path
         return f"{result.files} files, {result.bytes} bytes"
 
+    def _select():
+        from skyrl_callbacks.config import CheckpointConfig
+        from skyrl_callbacks.writers.base import select_writer
+        from skyrl_callbacks.writers.megatron import is_megatron_model
+
+        w = select_writer(role.model, CheckpointConfig())
+        assert type(w).__name__ == "MegatronWriter" and w.kind == "megatron", w
+        assert is_megatron_model([role.model]) and is_megatron_model(torch.nn.ModuleDict({"policy": role.model}))
+        assert not is_megatron_model(torch.nn.Linear(2, 2))
+        return repr(w)
+
+    res.run("select_writer_picks_megatron", _select)
+    tracker = H.seed_tp_tracker(100 + rank)
+    cpu_rng = torch.get_rng_state()
     res.run("tp2_manager_save", _mgr_save)
     _save_ref(work, "tp2", ref, dist)
 
