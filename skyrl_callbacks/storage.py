@@ -252,7 +252,8 @@ class Storage:
         if self.is_local:
             if mode == "wb":
                 self.makedirs(os.path.dirname(path) or ".")
-                return _LocalWriter(path)
+                # checksummed as it is written: the manifest needs no read-back of the file
+                return _LocalWriter(path, on_close=lambda size, algo, digest: self._remember(path, size, algo, digest))
             if "w" in mode or "a" in mode:
                 self.makedirs(os.path.dirname(path) or ".")
             return open(path, mode)
@@ -429,8 +430,17 @@ class Storage:
         out: dict[str, dict] = {}
         if self.is_local:
             for rel in rels:
-                size, digest = hash_file(self, self.join(top, rel), algo)
-                out[rel] = {"size": size, "hash": digest}
+                path = self.join(top, rel)
+                known = self._known.pop(self._norm(path), None)
+                try:
+                    size_now = os.path.getsize(path)
+                except OSError as exc:
+                    raise local_io_error(exc, path, "checksumming") from exc
+                if known is not None and known[1] == algo and known[0] == size_now:
+                    out[rel] = {"size": known[0], "hash": known[2]}  # hashed while it was written
+                else:  # written by other means (DCP, shutil): read it back
+                    size, digest = hash_file(self, path, algo)
+                    out[rel] = {"size": size, "hash": digest}
             return out
         missing = []
         for rel in rels:
@@ -599,11 +609,22 @@ def local_io_error(exc: OSError, path: str, action: str) -> OSError:
 class _LocalRaw(io.RawIOBase):
     """Unbuffered local file that loops over short writes and keeps the first OS error."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, algo: Optional[str] = None) -> None:
         super().__init__()
         self.path = path
         self.error: Optional[OSError] = None
+        self.size = 0
+        self.algo = algo
+        self._hash = None
+        if algo is not None:
+            from skyrl_callbacks.manifest import _hasher
+
+            self._hash = _hasher(algo)
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o666)
+
+    @property
+    def digest(self) -> Optional[str]:
+        return None if self._hash is None else self._hash.hexdigest()
 
     def writable(self) -> bool:
         return True
@@ -624,6 +645,9 @@ class _LocalRaw(io.RawIOBase):
             if n == 0:  # pragma: no cover - write(2) returns 0 only for a zero-length request
                 break
             done += n
+        if self._hash is not None:
+            self._hash.update(mv[:done])  # strictly sequential: no seek() on this file
+        self.size += done
         return done
 
     def close(self) -> None:
@@ -642,13 +666,16 @@ class _LocalWriter(io.BufferedWriter):
     that with the OS error it hit, as a :class:`StorageError` naming the cause and the fix.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, on_close: Optional[Callable[[int, str, str], None]] = None) -> None:
+        from skyrl_callbacks.manifest import checksum_algo
+
         try:
-            raw = _LocalRaw(path)
+            raw = _LocalRaw(path, checksum_algo() if on_close is not None else None)
         except OSError as exc:
             raise local_io_error(exc, path, "writing") from exc
         super().__init__(raw, buffer_size=1 << 20)
         self._path = path
+        self._on_close = on_close
 
     def __exit__(self, et, ev, tb) -> bool:
         error = None
@@ -659,6 +686,8 @@ class _LocalWriter(io.BufferedWriter):
         error = self.raw.error or error
         if error is not None:
             raise local_io_error(error, self._path, "writing") from error
+        if et is None and self._on_close is not None:
+            self._on_close(self.raw.size, self.raw.algo, self.raw.digest)
         return False
 
 

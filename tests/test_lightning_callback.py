@@ -124,3 +124,30 @@ def test_resume_continues_at_next_step(tmp_path):
     cb3 = SkyRLCheckpoint({**cfg, "resume_mode": "none", "ckpt_path": str(tmp_path / "c")})
     fit(Auto(), 6, cb3, max_steps=1, data=data)
     assert cb3.resumed_step is None
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_save_metrics_reach_the_lightning_logger(tmp_path, async_save):
+    """Each save's numbers (bytes, seconds total/blocked, GB/s) are logged; async saves commit by the end."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    cb = SkyRLCheckpoint({"ckpt_path": str(tmp_path / "ck"), "ckpt_interval": 2, "async_save": async_save})
+    trainer = pl.Trainer(max_steps=6, accelerator="cpu", callbacks=[cb], logger=CSVLogger(str(tmp_path / "logs")),
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, log_every_n_steps=1)
+    trainer.fit(Auto(), DataLoader(TensorDataset(torch.randn(8, 4)), batch_size=1))
+    assert sorted(os.listdir(tmp_path / "ck")) == ["global_step_2", "global_step_4", "global_step_6",
+                                                   "latest_ckpt_global_step.txt"]
+    assert (tmp_path / "ck" / "latest_ckpt_global_step.txt").read_text() == "6"
+    assert not cb.manager.save_in_flight
+    rows = list(csv.DictReader(open(trainer.logger.experiment.metrics_file_path)))
+    logged = [r for r in rows if r.get("ckpt/bytes")]
+    assert logged, rows[:3]
+    for r in logged:
+        assert float(r["ckpt/bytes"]) > 0 and float(r["ckpt/seconds_total"]) >= float(r["ckpt/seconds_blocked"]) > 0
+        assert float(r["ckpt/gbps"]) > 0
+    assert {int(float(r["ckpt/step"])) for r in logged} == {2, 4, 6}
+    if async_save:  # the start of each async save logs the time the loop was blocked
+        assert any(r.get("ckpt/seconds_blocked") and not r.get("ckpt/bytes") for r in rows)
