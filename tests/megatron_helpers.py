@@ -59,9 +59,12 @@ def device() -> torch.device:
 def init_parallel(tp: int = 1, pp: int = 1) -> None:
     from megatron.core import parallel_state as ps
 
-    if ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
-    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    same = ps.model_parallel_is_initialized() and (
+        ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()) == (tp, pp)
+    if not same:  # keep live groups (models/optimizers built on them) when the layout does not change
+        if ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     seed_tp_tracker(1234 + ps.get_tensor_model_parallel_rank())  # as model_parallel_cuda_manual_seed does
 
 
@@ -169,20 +172,26 @@ def fake_train(role, steps: int, seed: int) -> None:
             s.step()
 
 
-def full_state(writer, role, dist) -> dict:
+def full_state(writer, role, dist, model_only: bool = False) -> dict:
     """Full (unsharded) model and optimizer tensors on rank 0, keyed by megatron's global keys
     (``decoder.layers.1.mlp.linear_fc1.weight``, ``optimizer.state.exp_avg.<key>``), assembled
     from the main replicas of every rank; plus the optimizer's common step and the scheduler."""
     from skyrl_callbacks.writers.megatron import _layout, gather_full_tensors
 
-    state = writer._state(role, loading=False, sharding=writer.optimizer_sharding, layout=_layout(), with_rng=False)
+    if model_only:
+        state = writer._model_state(role)
+    else:
+        state = writer._state(role, loading=False, sharding=writer.optimizer_sharding, layout=_layout(), with_rng=False)
     out = {}
     for key, full in gather_full_tensors(state, dist):
         if dist.is_main:
             out[key] = full
+    if model_only:
+        return out if dist.is_main else {}
     for i, opt in enumerate(role.optimizers):
-        steps = {float(s["step"]) for s in opt.state_dict()["state"].values() if "step" in s}
-        out[f"optimizer{i}.step"] = sorted(steps)
+        if isinstance(opt, torch.optim.Optimizer):
+            steps = {float(s["step"]) for s in opt.state_dict()["state"].values() if "step" in s}
+            out[f"optimizer{i}.step"] = sorted(steps)
     out["schedulers"] = [s.state_dict() for s in role.schedulers]
     return out if dist.is_main else {}
 
@@ -210,3 +219,33 @@ def files_on_disk(top: str) -> set[str]:
         for name in names:
             out.add(os.path.relpath(os.path.join(dirpath, name), top).replace(os.sep, "/"))
     return out
+
+
+def run_example_on_cpu(path: str, argv: list) -> None:
+    """Run a megatron example on CPU/gloo with the shims above (tests only), e.g.
+
+        torchrun --nproc_per_node 2 tests/megatron_helpers.py examples/megatron_lightning.py \\
+            --accelerator cpu --steps 8 --ckpt-interval 2 --ckpt-path /tmp/pl
+    """
+    import runpy
+    import sys
+
+    install_cpu_shims()
+    from megatron.core import parallel_state as ps
+
+    init = ps.initialize_model_parallel
+
+    def init_and_seed(*args: Any, **kwargs: Any) -> None:
+        init(*args, **kwargs)
+        seed_tp_tracker(1234 + ps.get_tensor_model_parallel_rank())  # the CUDA seeding the example skips on CPU
+
+    ps.initialize_model_parallel = init_and_seed
+    sys.argv = [path] + list(argv)
+    runpy.run_path(path, run_name="__main__")
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    run_example_on_cpu(sys.argv[1], sys.argv[2:])

@@ -255,7 +255,7 @@ def phase_save2(work: str, dist, res: Results) -> None:
             return "rank0 checks"
         from transformers import AutoModelForCausalLM
 
-        hf = AutoModelForCausalLM.from_pretrained(out_dir, torch_dtype=torch.float32).eval()
+        hf = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
         ids, _pos = H.batch(99)
         with torch.no_grad():
             hlogits = hf(input_ids=ids.cpu()).logits.float()
@@ -353,25 +353,30 @@ def _megatron_ddp_role(seed: int, tp: int, distributed: bool = True):
     model = H.build_gpt(seed)
     ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(use_distributed_optimizer=distributed), model)
     opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3, use_distributed_optimizer=distributed,
-                                                 bf16=False, fp16=False, params_dtype=torch.float32), [ddp])
+                                                 bf16=False, fp16=False), [ddp])
     return Role(name="policy", model=ddp, optimizers=[opt], schedulers=[])
 
 
-def _megatron_train(role, steps: int) -> None:
-    for step in range(steps):
+def _megatron_train(role, steps: int, start: int = 0) -> None:
+    for step in range(start, start + steps):
         ids, pos = H.batch(step)
         role.model.zero_grad_buffer()
+        role.optimizers[0].zero_grad()
         out = role.model(ids, pos, attention_mask=H.causal_mask())
         out.float().pow(2).mean().backward()
         role.model.finish_grad_sync()
         role.optimizers[0].step()
 
 
-def _dist_opt_full(role, dist) -> dict:
-    """Full weights + optimizer state, through the fully_reshardable form (layout independent)."""
-    from skyrl_callbacks.writers.megatron import MegatronWriter
-
-    return H.full_state(MegatronWriter("fully_reshardable"), role, dist)
+def _state_or_model(writer, role, dist) -> dict:
+    """Model + optimizer state when the optimizer's sharded form gathers to full tensors, else the model."""
+    try:
+        return H.full_state(writer, role, dist)
+    except Exception as exc:  # noqa: BLE001 - e.g. flattened shards
+        if dist.is_main:
+            print(f"[gpu] note: optimizer state not gathered ({type(exc).__name__}: {str(exc)[:200]}); "
+                  f"comparing the model", flush=True)
+        return H.full_state(writer, role, dist, model_only=True)
 
 
 def phase_gpu2(work: str, dist, res: Results) -> None:
@@ -381,31 +386,30 @@ def phase_gpu2(work: str, dist, res: Results) -> None:
     st = Storage(work)
     role = _megatron_ddp_role(51, tp=2)
     _megatron_train(role, 2)
-    ref = {k: v for k, v in _model_only(H.full_state(MegatronWriter(), role, dist)).items()}
-    _save_ref(work, "distopt_tp2_model", ref, dist)
     for sharding in ("fully_reshardable", "dp_reshardable"):
         def fn(sharding=sharding):
             w = MegatronWriter(sharding)
-            w.save(st, _mkdir(work, f"distopt_{sharding}", "policy"), role, dist)
+            ref = _model_only(H.full_state(w, role, dist, model_only=True))
+            d = _mkdir(work, f"distopt_{sharding}", "policy")
+            w.save(st, d, role, dist)
             fresh = _megatron_ddp_role(52, tp=2)
-            _megatron_train(fresh, 1)  # give it optimizer state to overwrite
-            w.load(st, os.path.join(work, f"distopt_{sharding}", "policy"), fresh, dist)
-            res.same(f"distopt_{sharding}_tp2_to_tp2_model", _model_only(H.full_state(w, fresh, dist)), ref)
-            # the optimizer state after reload: one more step on both gives the same weights
-            _megatron_train(role, 1)
-            _megatron_train(fresh, 1)
-            res.same(f"distopt_{sharding}_tp2_to_tp2_next_step", _model_only(H.full_state(w, fresh, dist)),
-                     _model_only(H.full_state(w, role, dist)))
-            return "ok"
+            _megatron_train(fresh, 1, start=7)  # give it optimizer state to overwrite
+            w.load(st, d, fresh, dist)
+            res.same(f"distopt_{sharding}_tp2_to_tp2_model", H.full_state(w, fresh, dist, model_only=True), ref)
+            _megatron_train(role, 1, start=3)
+            _megatron_train(fresh, 1, start=3)
+            res.same(f"distopt_{sharding}_tp2_to_tp2_next_step", H.full_state(w, fresh, dist, model_only=True),
+                     H.full_state(w, role, dist, model_only=True))
+            return "saved, reloaded, one more step equal"
 
-        # re-save the same state for each sharding type (the role moves one step in fn)
         res.run(f"distopt_{sharding}_roundtrip", fn)
-    _save_ref(work, "distopt_tp2_after", _model_only(H.full_state(MegatronWriter(), role, dist)), dist)
-    # a fully_reshardable checkpoint of the final state, for gpu1 (TP2 -> TP1, optimizer included)
-    MegatronWriter("fully_reshardable").save(st, _mkdir(work, "distopt_final", "policy"), role, dist)
-    MegatronWriter("dp_reshardable").save(st, _mkdir(work, "distopt_final_dp", "policy"), role, dist)
-    _megatron_train(role, 1)
-    _save_ref(work, "distopt_tp2_next", _model_only(H.full_state(MegatronWriter(), role, dist)), dist)
+    w = MegatronWriter("fully_reshardable")
+    _save_ref(work, "distopt_tp2_after", _state_or_model(w, role, dist), dist)
+    res.run("distopt_final_save", lambda: w.save(st, _mkdir(work, "distopt_final", "policy"), role, dist))
+    res.run("distopt_final_dp_save", lambda: MegatronWriter("dp_reshardable").save(
+        st, _mkdir(work, "distopt_final_dp", "policy"), role, dist))
+    _megatron_train(role, 1, start=4)
+    _save_ref(work, "distopt_tp2_next", H.full_state(w, role, dist, model_only=True), dist)
 
 
 def phase_gpu1(work: str, dist, res: Results) -> None:
@@ -417,17 +421,22 @@ def phase_gpu1(work: str, dist, res: Results) -> None:
 
     def fn():
         fresh = _megatron_ddp_role(61, tp=1)
-        _megatron_train(fresh, 1)
+        _megatron_train(fresh, 1, start=7)
         w = MegatronWriter()
         w.load(st, os.path.join(work, "distopt_final", "policy"), fresh, dist)
-        res.same("distopt_fully_reshardable_tp2_to_tp1_model", _model_only(H.full_state(w, fresh, dist)),
-                 _load_ref(work, "distopt_tp2_after"))
-        _megatron_train(fresh, 1)  # the same next step as the TP2 run: optimizer state resharded correctly
-        got, ref = _model_only(H.full_state(w, fresh, dist)), _load_ref(work, "distopt_tp2_next")
+        ref = _load_ref(work, "distopt_tp2_after")
+        got = _state_or_model(w, fresh, dist)
+        if dist.is_main and set(ref) != set(got):  # one side could not gather the optimizer
+            ref, got = _model_only(ref), _model_only(got)
+        res.same("distopt_fully_reshardable_tp2_to_tp1_state", got, ref)
+        _megatron_train(fresh, 1, start=4)  # the same step the TP2 run took after saving
+        got, nxt = H.full_state(w, fresh, dist, model_only=True), _load_ref(work, "distopt_tp2_next")
         if dist.is_main:
-            worst = max((got[k].float() - ref[k].float()).abs().max().item() for k in ref)
-            assert worst < 1e-5, f"next step after TP2->TP1 optimizer reshard differs by {worst}"
-            return f"next step max |d| {worst:.2e} (TP2 vs TP1 reductions differ in order, so not bitwise)"
+            diffs = torch.cat([(got[k].float() - nxt[k].float()).abs().flatten() for k in nxt])
+            worst, mean = diffs.max().item(), diffs.mean().item()
+            # a wrongly resharded Adam state moves weights by ~lr (1e-3); TP1 vs TP2 rounding by far less
+            assert mean < 1e-6 and worst < 1e-4, f"next step after TP2->TP1 differs: max {worst:.2e}, mean {mean:.2e}"
+            return f"next step vs TP2 run: max |d| {worst:.2e}, mean {mean:.2e} (lr 1e-3)"
         return "rank0 checks"
 
     res.run("distopt_fully_reshardable_tp2_to_tp1", fn)

@@ -215,3 +215,11 @@ def test_llama_config_refuses_non_llama_shapes():
     cfg.gated_linear_unit = False
     with pytest.raises(IncompatibleCheckpointError, match="gated_linear_unit=False"):
         M.llama_hf_config_from_megatron(cfg, 128)
+
+
+@pytest.mark.parametrize("name", ["megatron_torchrun.py", "megatron_lightning.py"])
+def test_examples_say_they_need_gpus_on_cpu(name):
+    path = os.path.join(os.path.dirname(HERE), "examples", name)
+    out = subprocess.run([sys.executable, path], capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert out.returncode == 2 and "needs CUDA GPUs" in out.stderr, (out.returncode, out.stderr[-1000:])
