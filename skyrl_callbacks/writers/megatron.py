@@ -926,21 +926,32 @@ def gather_full_tensors(
         mine = []
         for st in pieces.get(key, []):
             data = st.data.detach()
-            if st.flattened_range is not None:
-                raise IncompatibleCheckpointError(
-                    f"{key}: flattened (distributed-optimizer) shards cannot be exported; export the model weights.")
-            local = data.reshape(tuple(st.local_shape)).cpu()
-            mine.append((tuple(st.global_offset), local))
+            flat = None
+            if st.flattened_range is not None:  # a slice of the flattened local chunk (distributed optimizer)
+                flat = (int(st.flattened_range.start), int(st.flattened_range.stop))
+            else:
+                data = data.reshape(tuple(st.local_shape))
+            mine.append((tuple(st.global_offset), tuple(st.local_shape), flat, data.cpu()))
         got = dist.gather_to_main(mine)
         if not dist.is_main:
             yield key, None
             continue
         shape, dtype = keys[key]
         full = torch.empty(shape, dtype=getattr(torch, dtype))
+        chunks: dict[tuple, torch.Tensor] = {}
         for rank_pieces in got or []:
-            for offset, local in rank_pieces:
-                index = tuple(slice(o, o + s) for o, s in zip(offset, (1,) * (len(shape) - local.dim()) + tuple(local.shape)))
-                full[index] = local.reshape(tuple(i.stop - i.start for i in index))
+            for offset, local_shape, flat, local in rank_pieces:
+                lshape = (1,) * (len(shape) - len(local_shape)) + tuple(local_shape)
+                index = tuple(slice(o, o + s) for o, s in zip(offset, lshape))
+                if flat is None:
+                    full[index] = local.reshape(lshape)
+                    continue
+                buf = chunks.get(index)
+                if buf is None:
+                    buf = chunks[index] = full[index].contiguous().reshape(-1)
+                buf[flat[0]:flat[1]] = local.reshape(-1)
+        for index, buf in chunks.items():
+            full[index] = buf.reshape(full[index].shape)
         yield key, full
 
 

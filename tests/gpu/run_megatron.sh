@@ -43,6 +43,7 @@ if ! python3 -c "import megatron.core" >/dev/null 2>&1; then
 fi
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4 PYTHONWARNINGS=ignore
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 CUDA_DEVICE_MAX_CONNECTIONS=1
+export CUBLAS_WORKSPACE_CONFIG=:4096:8  # deterministic cuBLAS: resumed and straight runs compare bitwise
 rm -rf "$WORK"; mkdir -p "$WORK/logs"
 export GPU_RESULTS="$WORK/results.jsonl"; : > "$GPU_RESULTS"
 T_ALL=$(date +%s)
