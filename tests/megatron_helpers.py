@@ -56,15 +56,17 @@ def device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def init_parallel(tp: int = 1, pp: int = 1) -> None:
+def init_parallel(tp: int = 1, pp: int = 1, vpp: Optional[int] = None) -> None:
     from megatron.core import parallel_state as ps
 
     same = ps.model_parallel_is_initialized() and (
-        ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()) == (tp, pp)
+        ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
+        ps.get_virtual_pipeline_model_parallel_world_size()) == (tp, pp, vpp)
     if not same:  # keep live groups (models/optimizers built on them) when the layout does not change
         if ps.model_parallel_is_initialized():
             ps.destroy_model_parallel()
-        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                     virtual_pipeline_model_parallel_size=vpp)
     seed_tp_tracker(1234 + ps.get_tensor_model_parallel_rank())  # as model_parallel_cuda_manual_seed does
 
 
@@ -101,7 +103,7 @@ def transformer_config(**overrides: Any):
     return TransformerConfig(**kwargs)
 
 
-def build_gpt(seed: int, **overrides: Any):
+def build_gpt(seed: int, vp_stage: Optional[int] = None, tie: bool = False, **overrides: Any):
     """A tiny Llama-shaped megatron-core GPTModel (RMSNorm, SwiGLU, RoPE, GQA, no bias), built on
     the CPU (``use_cpu_initialization``) and moved to the GPU when there is one."""
     from megatron.core import parallel_state as ps
@@ -111,11 +113,16 @@ def build_gpt(seed: int, **overrides: Any):
     torch.manual_seed(seed)
     overrides.setdefault("tensor_model_parallel_size", ps.get_tensor_model_parallel_world_size())
     overrides.setdefault("pipeline_model_parallel_size", ps.get_pipeline_model_parallel_world_size())
+    vpp = ps.get_virtual_pipeline_model_parallel_world_size()
+    if vpp:
+        overrides.setdefault("virtual_pipeline_model_parallel_size", vpp)
     cfg = transformer_config(**overrides)
     model = GPTModel(
         cfg, get_gpt_layer_local_spec(normalization="RMSNorm"), vocab_size=VOCAB, max_sequence_length=64,
-        pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
-        position_embedding_type="rope", share_embeddings_and_output_weights=False, parallel_output=False,
+        pre_process=ps.is_pipeline_first_stage(ignore_virtual=vpp is None, vp_stage=vp_stage),
+        post_process=ps.is_pipeline_last_stage(ignore_virtual=vpp is None, vp_stage=vp_stage),
+        position_embedding_type="rope", share_embeddings_and_output_weights=tie, parallel_output=False,
+        vp_stage=vp_stage,
     )
     return model.to(device())
 

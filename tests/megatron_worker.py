@@ -266,12 +266,48 @@ def phase_save2(work: str, dist, res: Results) -> None:
 
     res.run("hf_export_tp2_logits", _hf)
 
+    def _hf_tied():
+        from skyrl_callbacks.writers.megatron import export_megatron_hf
+
+        trole = H.make_role(H.build_gpt(4, tie=True))
+        H.train(trole, 1)
+        out_dir = os.path.join(work, "hf_tp2_tied")
+        files = export_megatron_hf(trole, out_dir, dist, writer=writer)
+        mlogits = H.logits(trole.model).float().cpu()
+        if not dist.is_main:
+            return "rank0 checks"
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
+        with torch.no_grad():
+            hlogits = hf(input_ids=H.batch(99)[0].cpu()).logits.float()
+        delta = (hlogits - mlogits).abs().max().item()
+        assert hf.config.tie_word_embeddings and torch.allclose(hlogits, mlogits, atol=1e-4, rtol=0), delta
+        return f"tied embeddings: {files}, max |logits diff| {delta:.2e}"
+
+    res.run("hf_export_tp2_tied_embeddings", _hf_tied)
+
     # ---------------------------------------------------------------- PP2 and DP2 saves
     H.init_parallel(pp=2)
     prole = H.make_role(H.build_gpt(11))
     H.fake_train(prole, 2, seed=20 + rank)
     _save_ref(work, "pp2", H.full_state(writer, prole, dist), dist)
     res.run("pp2_save", lambda: writer.save(st, _mkdir(work, "pp2", "policy"), prole, dist))
+
+    # virtual pipeline: 2 stages x 2 chunks of 1 layer each (4 layers), keys model0/model1
+    def _vpp():
+        H.init_parallel(pp=2, vpp=2)
+        chunks = torch.nn.ModuleList([H.build_gpt(13, vp_stage=i, num_layers=4) for i in range(2)])
+        vrole = H.make_role(chunks)
+        H.fake_train(vrole, 2, seed=30 + rank)
+        _save_ref(work, "vpp", H.full_state(writer, vrole, dist), dist)
+        files = writer.save(st, _mkdir(work, "vpp", "policy"), vrole, dist)
+        dist.barrier()
+        cfg = read_megatron_config(st, os.path.join(work, "vpp", "policy"))
+        assert cfg["model_chunks"] == 2, cfg
+        return files
+
+    res.run("vpp_save", _vpp)
 
     H.init_parallel()
     drole = H.make_role(H.build_gpt(12))
@@ -303,9 +339,10 @@ def phase_load1(work: str, dist, res: Results) -> None:
     mgr = _manager(os.path.join(work, "mgr_tp2"))
     for name, path, use_mgr in (("tp2", os.path.join(work, "mgr_tp2", "global_step_2"), True),
                                 ("pp2", os.path.join(work, "pp2", "policy"), False),
-                                ("dp2", os.path.join(work, "dp2", "policy"), False)):
+                                ("dp2", os.path.join(work, "dp2", "policy"), False),
+                                ("vpp", os.path.join(work, "vpp", "policy"), False)):
         def fn(name=name, path=path, use_mgr=use_mgr):
-            fresh = H.make_role(H.build_gpt(31))
+            fresh = H.make_role(H.build_gpt(31, **({"num_layers": 4} if name == "vpp" else {})))
             if use_mgr:
                 mgr.load([fresh], path)
                 w = mgr.writer_for(fresh)

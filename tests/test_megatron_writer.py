@@ -130,6 +130,12 @@ def test_reshard_dp2_to_dp1_and_fully_parallel_save(runs):
     _check(runs, "load1", "dp2_to_1_load", "dp2_to_1_bitwise")
 
 
+def test_virtual_pipeline_chunks_pp2_vpp2_to_pp1(runs):
+    """A list of model chunks (model0/model1) saved at PP2 x VPP2 loads into one 4-layer chunk."""
+    _check(runs, "save2", "vpp_save")
+    _check(runs, "load1", "vpp_to_1_load", "vpp_to_1_bitwise")
+
+
 def test_async_hooks_snapshot_write_finalize(runs):
     """snapshot, then training goes on, write in a thread, finalize: the checkpoint is the snapshot."""
     _check(runs, "save2", "async_tp2_hooks", "async_tp2_snapshot_is_consistent")
@@ -143,6 +149,11 @@ def test_mismatch_errors_name_field_value_and_fix(runs):
 def test_hf_export_tp2_matches_megatron_logits(runs):
     pytest.importorskip("transformers")
     _check(runs, "save2", "hf_export_tp2_logits")
+
+
+def test_hf_export_tied_embeddings(runs):
+    pytest.importorskip("transformers")
+    _check(runs, "save2", "hf_export_tp2_tied_embeddings")
 
 
 # --------------------------------------------------------------------------- in-process
