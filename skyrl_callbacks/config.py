@@ -277,6 +277,15 @@ class CheckpointConfig:
             if not isinstance(value, str) or not value.strip():
                 raise ConfigError(f"{key}={value!r}: must be a non-empty path or URL string.")
             setattr(self, key, resolve_interpolations(value, key))
+        ck, ex = self.ckpt_path.rstrip("/"), self.export_path.rstrip("/")
+        if "://" not in ck:
+            ck, ex = os.path.abspath(os.path.expanduser(ck)), os.path.abspath(os.path.expanduser(ex))
+        if ex == ck or ex.startswith(ck + "/global_step_"):
+            raise ConfigError(
+                f"export_path={self.export_path!r} is ckpt_path (or inside one of its checkpoints): the HF export to "
+                f"{{export_path}}/global_step_N/policy/ would replace that checkpoint's policy/. Use another directory "
+                f"for export_path, e.g. {ck}_exports/."
+            )
         if self.resume_path is not None:
             if isinstance(self.resume_path, os.PathLike):
                 self.resume_path = os.fspath(self.resume_path)

@@ -161,6 +161,15 @@ def test_exact_resume_two_processes_torchrun(tmp_path: Path) -> None:
     assert data["world_size"] == 2 and len(data["per_rank"]) == 2
 
 
+def test_exact_resume_async_save_two_processes(tmp_path: Path) -> None:
+    # async_save: ckpt.step() at 6 commits step 3 (at most one save in flight) and starts step 6's
+    # save; the kill right after it leaves step 6 uncommitted, so the rerun resumes from 3
+    args = ["--steps", "8", "--interval", "3", "--async-save"]
+    out = _straight_vs_killed(tmp_path, args, kill_at=6, resume_from=3, nproc=2)
+    assert "writing in the background" in out and "training blocked" in out, out[-3000:]
+    assert (tmp_path / "crashed" / "ckpts" / "latest_ckpt_global_step.txt").read_text() == "8"
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_exact_resume_fsdp2_two_gpus(tmp_path: Path) -> None:
     """accelerate's FSDP2 plugin on 2 GPUs: bind picks the FSDP writer (sharded DCP files)."""

@@ -278,8 +278,6 @@ def test_unsupported_url_scheme(ctx):
           "s3://")
 
 
-@pytest.mark.xfail(strict=True, reason="export_path == ckpt_path is accepted; the first HF export replaces "
-                   "global_step_N/policy/ of the committed checkpoint (fix: reject it in CheckpointConfig._validate)")
 def test_export_path_same_as_ckpt_path(ctx):
     check(ctx, lambda c: CheckpointConfig(ckpt_path=str(c.root), export_path=str(c.root)), ConfigError,
           "export_path", "ckpt_path", "another directory")
@@ -347,7 +345,6 @@ def test_role_missing_in_checkpoint(ctx):
           "no critic/ directory", "same roles", "resume_mode='none'")
 
 
-@pytest.mark.xfail(strict=True, reason="writers/plain.py: 'optimizer state does not match: ...' names no fix")
 def test_optimizer_param_groups_differ(ctx):
     def act(c):
         roles = roles_for(model_at(0))

@@ -638,10 +638,12 @@ def step(callback: Any, step: Optional[int] = None) -> Optional[SaveResult]:
     callback.step = int(callback.step) + 1 if step is None else int(step)
     current = int(callback.step)
     manager: CheckpointManager = callback.manager
+    # an async save started at an earlier step commits once every rank has written it
+    _report(callback, binding, manager.poll())
     preempted = _preemption_agreed(binding) if binding.previous_handlers else None
     result = None
     if manager.should_save(current) or (preempted and manager.last_saved_step != current):
-        result = _save(callback, binding, current)
+        result = _save(callback, binding, current, blocking=bool(preempted))
     if manager.should_export(current):
         _export(callback, binding, current)
     if preempted:
@@ -674,31 +676,41 @@ def finish(callback: Any) -> Optional[SaveResult]:
             return None  # preempted: that step is saved; no final export of an unfinished run
         if manager.last_saved_step != current:
             result = _save(callback, binding, current)
+        committed = manager.wait()  # the run ends with its last save committed (async_save)
+        _report(callback, binding, committed)
         if callback.config.hf_save_interval > 0 and manager.last_exported_step != current:
             _export(callback, binding, current)
-        return result
+        return committed if committed is not None and committed.step == current else result
     finally:
         _restore_signal_handlers(binding)
         manager.close()  # the run is over: release the ckpt_path lock
 
 
-def _save(callback: Any, binding: _Binding, current: int) -> SaveResult:
+def _save(callback: Any, binding: _Binding, current: int, blocking: bool = False) -> SaveResult:
     t0 = time.perf_counter()
     data_state = binding.data.state_dict() if binding.data is not None else None
     result = callback.manager.save(
-        current, binding.roles, trainer_state=binding.trainer_state(callback, callback.loop_state), data_state=data_state
+        current, binding.roles, trainer_state=binding.trainer_state(callback, callback.loop_state), data_state=data_state,
+        blocking=blocking,
     )
+    _report(callback, binding, result, time.perf_counter() - t0)
+    return result
+
+
+def _report(callback: Any, binding: _Binding, result: Optional[SaveResult], seconds: Optional[float] = None) -> None:
+    """Print and log a save (a started async save logs its stall; its commit logs the rest)."""
+    if result is None:
+        return
     callback.last_save = result
     from skyrl_callbacks.callback import summary_line
 
-    _say(binding, summary_line(result, time.perf_counter() - t0))
+    _say(binding, summary_line(result, result.seconds_total if seconds is None else seconds))
     acc = binding.accelerator
     if acc is not None and getattr(acc, "trackers", None):
         try:
-            acc.log(result.as_metrics(), step=current)
+            acc.log(result.as_metrics(), step=result.step)
         except Exception:  # noqa: BLE001 - logging is best effort
             logger.debug("accelerator.log of the checkpoint metrics failed", exc_info=True)
-    return result
 
 
 def _export(callback: Any, binding: _Binding, current: int) -> str:

@@ -68,6 +68,21 @@ def torch_save(storage: "Storage", path: str, obj: Any) -> None:
         torch.save(obj, fh)
 
 
+def write_files_concurrently(storage: "Storage", directory: str, jobs: list) -> None:
+    """``torch_save`` each ``(name, obj)`` of ``jobs`` under ``directory``, one thread per file
+    (torch.save releases the GIL while it writes). The first error is raised after all ended."""
+    if len(jobs) <= 1:
+        for name, obj in jobs:
+            torch_save(storage, storage.join(directory, name), obj)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="skyrl-write") as pool:
+        futures = [pool.submit(torch_save, storage, storage.join(directory, name), obj) for name, obj in jobs]
+    for fut in futures:
+        fut.result()
+
+
 _CRC_LOCK = threading.Lock()
 _CRC_USERS = [0, True]  # [threads inside torch_save, the setting to restore]
 
@@ -111,10 +126,23 @@ class PlainWriter(RoleWriter):
 
     kind = "plain"
 
+    def __init__(self) -> None:
+        self._gpu_stager: Any = None
+
     def save(self, storage: "Storage", role_dir: str, role: "Role", dist: "DistContext") -> list[str]:
         if not dist.is_main:
             return []
-        return self._write(storage, role_dir, self._collect(role))
+        state = self._collect(role)
+        if _on_cuda(state):
+            # torch.save copies GPU storages to the host one by one through pageable memory
+            # (~0.4x of the disk's speed on an H200 host); one pass into warm pinned buffers
+            # first runs at PCIe/C2C speed and lets the file writes run at the disk's.
+            from skyrl_callbacks.staging import Stager
+
+            if self._gpu_stager is None:
+                self._gpu_stager = Stager(pin_memory=True)
+            state = self._gpu_stager.stage(state)
+        return self._write(storage, role_dir, state)
 
     # async: rank 0 copies its state (every DDP rank holds the same bytes); others stage nothing
     def snapshot(self, role: "Role", dist: "DistContext", stager: Any) -> Any:
@@ -136,16 +164,15 @@ class PlainWriter(RoleWriter):
 
     @staticmethod
     def _write(storage: "Storage", role_dir: str, state: dict) -> list[str]:
-        written = []
-        torch_save(storage, storage.join(role_dir, MODEL_FILE), state["model"])
-        written.append(MODEL_FILE)
+        """The role's files, written concurrently (one stream per file: the optimizer file, twice
+        the model's size with Adam, no longer waits for the model file)."""
+        jobs = [(MODEL_FILE, state["model"])]
         if state["optimizer"] is not None:
-            torch_save(storage, storage.join(role_dir, OPTIMIZER_FILE), state["optimizer"])
-            written.append(OPTIMIZER_FILE)
+            jobs.append((OPTIMIZER_FILE, state["optimizer"]))
         if state["scheduler"] is not None:
-            torch_save(storage, storage.join(role_dir, SCHEDULER_FILE), state["scheduler"])
-            written.append(SCHEDULER_FILE)
-        return written
+            jobs.append((SCHEDULER_FILE, state["scheduler"]))
+        write_files_concurrently(storage, role_dir, jobs)
+        return [name for name, _ in jobs]
 
     def load(self, storage: "Storage", role_dir: str, role: "Role", dist: "DistContext") -> None:
         model = unwrap_model(role.model)
@@ -183,7 +210,20 @@ class PlainWriter(RoleWriter):
             try:
                 obj.load_state_dict(state)
             except (ValueError, KeyError, RuntimeError) as exc:
-                raise IncompatibleCheckpointError(f"{path}: {what} state does not match: {exc}") from exc
+                raise IncompatibleCheckpointError(
+                    f"{path}: {what} state does not match: {exc}. Configure the same {what} (same parameter "
+                    f"groups) as the run that saved it, or start fresh with resume_mode='none'."
+                ) from exc
+
+
+def _on_cuda(tree: Any) -> bool:
+    if isinstance(tree, torch.Tensor):
+        return tree.is_cuda
+    if isinstance(tree, dict):
+        return any(_on_cuda(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return any(_on_cuda(v) for v in tree)
+    return False
 
 
 def _filtered(sd: dict, role: "Role") -> dict:
