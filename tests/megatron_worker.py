@@ -131,6 +131,18 @@ def phase_save2(work: str, dist, res: Results) -> None:
         assert type(w).__name__ == "MegatronWriter" and w.kind == "megatron", w
         assert is_megatron_model([role.model]) and is_megatron_model(torch.nn.ModuleDict({"policy": role.model}))
         assert not is_megatron_model(torch.nn.Linear(2, 2))
+        # a module holding the GPT plus a parameter of its own: refused (it would be lost), not silently dropped
+        from skyrl_callbacks.errors import ConfigError
+        from skyrl_callbacks.roles import Role
+
+        holder = torch.nn.Module()
+        holder.gpt, holder.value_head = role.model, torch.nn.Linear(4, 1)
+        try:
+            w.save(st, _mkdir(work, "stray", "policy"), Role("policy", holder), dist)
+        except ConfigError as exc:
+            assert "value_head.weight" in str(exc), exc
+        else:
+            raise AssertionError("stray parameters were not refused")
         return repr(w)
 
     res.run("select_writer_picks_megatron", _select)

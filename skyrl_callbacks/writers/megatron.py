@@ -514,6 +514,7 @@ class MegatronWriter(RoleWriter):
             return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
 
     def _state(self, role: "Role", *, loading: bool, sharding: str, layout: dict, with_rng: bool) -> dict:
+        _check_no_stray_parameters(role)
         state = self._model_state(role)
         model_sd = dict(state)
         for i, opt in enumerate(role.optimizers):
@@ -883,6 +884,24 @@ class MegatronWriter(RoleWriter):
             max_position_embeddings=getattr(chunk, "max_sequence_length", 4096),
             rope_theta=float(getattr(chunk, "rotary_base", 10000)),
             tie_word_embeddings=bool(getattr(chunk, "share_embeddings_and_output_weights", False)),
+        )
+
+
+def _check_no_stray_parameters(role: "Role") -> None:
+    """A role holding parameters outside its megatron chunks would silently lose them: refuse."""
+    model = role.model
+    if not isinstance(model, torch.nn.Module) or _megatron_module_cls() is None:
+        return
+    chunks = model_chunks(model, role.exclude_prefixes)
+    inside = {id(p) for c in chunks for p in c.parameters()}
+    stray = [n for n, p in model.named_parameters()
+             if id(p) not in inside and not (role.exclude_prefixes and n.startswith(role.exclude_prefixes))]
+    if stray:
+        raise ConfigError(
+            f"{role.name}: {len(stray)} parameter(s) lie outside the megatron-core model and would not be saved by "
+            f"the megatron writer (e.g. {stray[:5]}). Make the megatron model the role "
+            f"(SkyRLCheckpoint(cfg, roles={{'{role.name}': '<attribute holding the GPTModel>'}})) and keep other "
+            f"modules in their own role."
         )
 
 
