@@ -102,16 +102,16 @@ has() { case ",$ONLY," in *,"$1",*) return 0;; esac; return 1; }
 if has core; then
   echo "=== core: TP2 save/load, per-rank RNG, async hooks, errors, HF export; TP2->1, PP2->1, DP2->1, TP1->2"
   mkdir -p "$WORK/core"
-  launch core_save2 2 300 0 "$REPO/tests/megatron_worker.py" save2 "$WORK/core"; worker_results save2 2
-  launch core_load1 1 300 0 "$REPO/tests/megatron_worker.py" load1 "$WORK/core"; worker_results load1 1
-  launch core_load2 2 300 0 "$REPO/tests/megatron_worker.py" load2 "$WORK/core"; worker_results load2 2
+  launch core_save2 2 240 0 "$REPO/tests/megatron_worker.py" save2 "$WORK/core"; worker_results save2 2
+  launch core_load1 1 150 0 "$REPO/tests/megatron_worker.py" load1 "$WORK/core"; worker_results load1 1
+  launch core_load2 2 150 0 "$REPO/tests/megatron_worker.py" load2 "$WORK/core"; worker_results load2 2
 fi
 
 if has distopt; then
   echo "=== distopt: megatron DDP + DistributedOptimizer, fully_reshardable / dp_reshardable, TP2->TP1"
   mkdir -p "$WORK/core"
-  launch distopt_gpu2 2 300 0 "$REPO/tests/megatron_worker.py" gpu2 "$WORK/core"; worker_results gpu2 2
-  launch distopt_gpu1 1 300 0 "$REPO/tests/megatron_worker.py" gpu1 "$WORK/core"; worker_results gpu1 1
+  launch distopt_gpu2 2 180 0 "$REPO/tests/megatron_worker.py" gpu2 "$WORK/core"; worker_results gpu2 2
+  launch distopt_gpu1 1 150 0 "$REPO/tests/megatron_worker.py" gpu1 "$WORK/core"; worker_results gpu1 1
 fi
 
 compare() {  # name a.pt b.pt tol
@@ -137,22 +137,22 @@ if has examples; then
   echo "=== examples: megatron_torchrun.py (TP2 kill/resume, resume at TP1), megatron_lightning.py (kill/resume)"
   E="$WORK/examples"; mkdir -p "$E"
   X="$REPO/examples/megatron_torchrun.py"
-  launch ex_torchrun_A_killed 2 300 nonzero "$X" --tp 2 --steps 8 --ckpt-interval 2 --ckpt-path "$E/tr" --kill-at-step 5
-  launch ex_torchrun_B_resume 2 300 0 "$X" --tp 2 --steps 8 --ckpt-interval 2 --ckpt-path "$E/tr" --out "$E/tr_B.pt"
+  launch ex_torchrun_A_killed 2 150 nonzero "$X" --tp 2 --steps 8 --ckpt-interval 2 --ckpt-path "$E/tr" --kill-at-step 5
+  launch ex_torchrun_B_resume 2 150 0 "$X" --tp 2 --steps 8 --ckpt-interval 2 --ckpt-path "$E/tr" --out "$E/tr_B.pt"
   grep -q "resumed from .*global_step_4" "$WORK/logs/ex_torchrun_B_resume.log" \
     && record megatron_example_torchrun_resumed_from_step_4 true "resumed from global_step_4" \
     || record megatron_example_torchrun_resumed_from_step_4 false "no 'resumed from ...global_step_4' line"
-  launch ex_torchrun_C_straight 2 300 0 "$X" --tp 2 --steps 8 --ckpt-interval 2 --ckpt-path "$E/tr_straight" --out "$E/tr_C.pt"
+  launch ex_torchrun_C_straight 2 150 0 "$X" --tp 2 --steps 8 --ckpt-interval 2 --ckpt-path "$E/tr_straight" --out "$E/tr_C.pt"
   compare megatron_example_torchrun_resume_equals_straight "$E/tr_B.pt" "$E/tr_C.pt" 0
   # the TP2 checkpoint (DistributedOptimizer, fully_reshardable) resumed at TP1 / DP2
-  launch ex_torchrun_D_tp1 2 300 0 "$X" --tp 1 --steps 10 --ckpt-interval 2 --ckpt-path "$E/tr"
+  launch ex_torchrun_D_tp1 2 150 0 "$X" --tp 1 --steps 10 --ckpt-interval 2 --ckpt-path "$E/tr"
   grep -q "TP 1, DP 2; resumed from .*global_step_8" "$WORK/logs/ex_torchrun_D_tp1.log" \
     && record megatron_example_torchrun_tp2_ckpt_resumes_at_tp1_dp2 true "resumed at TP1/DP2 from the TP2 step 8" \
     || record megatron_example_torchrun_tp2_ckpt_resumes_at_tp1_dp2 false "no 'TP 1, DP 2; resumed from ...global_step_8' line"
   L="$REPO/examples/megatron_lightning.py"
-  launch ex_lightning_A_killed 2 300 nonzero "$L" --steps 8 --ckpt-interval 2 --ckpt-path "$E/pl" --kill-at-step 5
-  launch ex_lightning_B_resume 2 300 0 "$L" --steps 8 --ckpt-interval 2 --ckpt-path "$E/pl" --out "$E/pl_B.pt"
-  launch ex_lightning_C_straight 2 300 0 "$L" --steps 8 --ckpt-interval 2 --ckpt-path "$E/pl_straight" --out "$E/pl_C.pt"
+  launch ex_lightning_A_killed 2 150 nonzero "$L" --steps 8 --ckpt-interval 2 --ckpt-path "$E/pl" --kill-at-step 5
+  launch ex_lightning_B_resume 2 150 0 "$L" --steps 8 --ckpt-interval 2 --ckpt-path "$E/pl" --out "$E/pl_B.pt"
+  launch ex_lightning_C_straight 2 150 0 "$L" --steps 8 --ckpt-interval 2 --ckpt-path "$E/pl_straight" --out "$E/pl_C.pt"
   compare megatron_example_lightning_resume_equals_straight "$E/pl_B.pt" "$E/pl_C.pt" 0
 fi
 
