@@ -228,6 +228,30 @@ def phase_save2(work: str, dist, res: Results) -> None:
 
     res.run("async_tp2_hooks", _async)
 
+    def _mgr_async():
+        from skyrl_callbacks.manager import CheckpointManager
+
+        amgr = CheckpointManager({"ckpt_path": os.path.join(work, "mgr_async"), "ckpt_interval": 1, "run_lock": False,
+                                  "async_save": True})
+        w = MegatronWriter(thread_count=1)
+        before = H.full_state(w, role, dist)
+        pending = amgr.save(5, [role])
+        assert getattr(pending, "pending", False), pending
+        H.train(role, 1, start=11)  # training goes on while the save is written
+        result = amgr.wait()
+        assert result is not None and amgr.read_pointer() == 5, (result, amgr.read_pointer())
+        if dist.is_main:
+            manifest = json.load(open(os.path.join(result.path, "skyrl_manifest.json")))
+            listed = {k for k in manifest["files"] if k.startswith("policy/")}
+            disk = {f"policy/{f}" for f in H.files_on_disk(os.path.join(result.path, "policy"))}
+            assert listed == disk, f"manifest vs disk: {sorted(listed ^ disk)}"
+        fresh = H.make_role(H.build_gpt(9))
+        amgr.load([fresh], result.path)
+        res.same("async_manager_tp2_bitwise", H.full_state(w, fresh, dist), before)
+        return f"committed {result.path} after the background write"
+
+    res.run("async_manager_tp2", _mgr_async)
+
     # ---------------------------------------------------------------- mismatch errors
     src = os.path.join(state.get("dir", ""), "policy")
 

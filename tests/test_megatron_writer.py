@@ -141,6 +141,12 @@ def test_async_hooks_snapshot_write_finalize(runs):
     _check(runs, "save2", "async_tp2_hooks", "async_tp2_snapshot_is_consistent")
 
 
+def test_async_save_through_checkpoint_manager(runs):
+    """CheckpointManager(async_save=True): pending save, training goes on, wait() commits; the
+    manifest lists exactly the files on disk and the checkpoint is the state at save time."""
+    _check(runs, "save2", "async_manager_tp2", "async_manager_tp2_bitwise")
+
+
 def test_mismatch_errors_name_field_value_and_fix(runs):
     _check(runs, "save2", "error_newer_format", "error_optimizer_count", "error_wrong_architecture",
            "error_not_megatron_dir")
