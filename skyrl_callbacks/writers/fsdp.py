@@ -338,12 +338,72 @@ def _native_name(kind: str, world: int, rank: int) -> str:
 
 
 # --------------------------------------------------------------------------- DCP plumbing
+class _HashingStream:
+    """A write-only file wrapper that checksums what passes through (DCP writes sequentially;
+    a seek makes the checksum unusable and the manifest reads the file back instead)."""
+
+    def __init__(self, inner: Any) -> None:
+        from skyrl_callbacks.manifest import _hasher, checksum_algo
+
+        self._inner = inner
+        self.algo = checksum_algo()
+        self._hash = _hasher(self.algo)
+        self.size = 0
+        self.valid = True
+
+    def write(self, data: Any) -> int:
+        n = self._inner.write(data)
+        mv = memoryview(data).cast("B")
+        n = mv.nbytes if n is None else n
+        self._hash.update(mv[:n])
+        self.size += n
+        return n
+
+    def seek(self, *args: Any) -> int:
+        self.valid = False
+        return self._inner.seek(*args)
+
+    def writable(self) -> bool:
+        return True
+
+    @property
+    def digest(self) -> str:
+        return self._hash.hexdigest()
+
+    def __getattr__(self, name: str) -> Any:  # tell, fileno, flush, ...
+        return getattr(self._inner, name)
+
+
+def _hashing_filesystem(storage: "Storage") -> Any:
+    """DCP's local FileSystem whose written files are checksummed on the way (no read-back)."""
+    from torch.distributed.checkpoint.filesystem import FileSystem
+
+    class _HashingFileSystem(FileSystem):
+        @contextlib.contextmanager
+        def create_stream(self, path: Any, mode: str) -> Iterator[Any]:
+            with super().create_stream(path, mode) as stream:
+                if "w" not in mode:
+                    yield stream
+                    return
+                hs = _HashingStream(stream)
+                yield hs
+            if hs.valid and not os.fspath(path).endswith(".tmp"):  # .metadata is written as a temp + rename
+                storage._remember(os.fspath(path), hs.size, hs.algo, hs.digest)
+
+    return _HashingFileSystem()
+
+
 def _dcp_writer(storage: "Storage", path: str, thread_count: int = 1):
     if storage.is_local:
         from torch.distributed.checkpoint import FileSystemWriter
 
         os.makedirs(path, exist_ok=True)
-        return FileSystemWriter(path, single_file_per_rank=True, sync_files=True, thread_count=thread_count)
+        writer = FileSystemWriter(path, single_file_per_rank=True, sync_files=True, thread_count=thread_count)
+        from torch.distributed.checkpoint.filesystem import FileSystem
+
+        if type(getattr(writer, "fs", None)) is FileSystem:  # DCP's own local file system: wrap it
+            writer.fs = _hashing_filesystem(storage)
+        return writer
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
     return FsspecWriter(path, single_file_per_rank=True, sync_files=False, thread_count=thread_count,
@@ -363,10 +423,12 @@ def _dcp_reader(storage: "Storage", path: str):
 def _dcp_save(state: dict, storage: "Storage", path: str, dist: Optional["DistContext"], thread_count: int = 1) -> None:
     import torch.distributed.checkpoint as dcp
 
+    from skyrl_callbacks.writers.plain import _no_zip_crc
+
     writer = _dcp_writer(storage, path, thread_count)
     no_dist = dist is None or not dist.enabled
     try:
-        with _quiet():
+        with _quiet(), _no_zip_crc():
             dcp.save(state, storage_writer=writer, process_group=None if no_dist else dist.group, no_dist=no_dist)
     except BaseException as exc:  # DCP raises CheckpointException, a BaseException, on every rank
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
