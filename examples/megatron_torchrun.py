@@ -11,7 +11,7 @@ The loop is what SkyRL's Megatron workers do: ``parallel_state.initialize_model_
 a ``GPTModel`` in megatron's ``DistributedDataParallel``, ``get_megatron_optimizer`` (the
 ``DistributedOptimizer``) and an ``OptimizerParamScheduler``. Checkpointing is the
 ``CheckpointManager`` with one ``Role``: ``resume`` before the loop, ``save`` every
-``ckpt_interval`` steps, and an HF (Llama) export with ``export_megatron_hf``. A checkpoint saved
+``ckpt_interval`` steps, and an HF (Llama) export with ``CheckpointManager.export_hf``. A checkpoint saved
 at one TP size resumes at another (``--tp``), optimizer included (``fully_reshardable``).
 """
 
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
 
     from skyrl_callbacks.manager import CheckpointManager
     from skyrl_callbacks.roles import Role
-    from skyrl_callbacks.writers.megatron import MegatronWriter, export_megatron_hf
+    from skyrl_callbacks.writers.megatron import MegatronWriter
 
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl", timeout=timedelta(minutes=5))
@@ -116,8 +116,8 @@ def main(argv=None) -> int:
     role = Role(name="policy", model=ddp, optimizers=[opt], schedulers=[sched])
     mgr = CheckpointManager({"ckpt_path": args.ckpt_path, "export_path": args.ckpt_path + "_exports",
                              "ckpt_interval": args.ckpt_interval, "max_ckpts_to_keep": args.max_ckpts_to_keep,
-                             "hf_save_interval": args.hf_save_interval, "resume_mode": "latest"})
-    mgr._writers[role.name] = MegatronWriter(args.sharding)  # pick the optimizer sharding (default: fully_reshardable)
+                             "hf_save_interval": args.hf_save_interval, "resume_mode": "latest",
+                             "megatron_optimizer_sharding": args.sharding})
     state = mgr.resume([role])
     start = state.step + 1 if state else 1
     if rank == 0:
@@ -132,14 +132,13 @@ def main(argv=None) -> int:
                 print(f"[example] step {step}: loss {loss:.4f}, saved {result.path} ({result.bytes / 1e6:.1f} MB)",
                       flush=True)
         if mgr.should_export(step):
-            out = os.path.join(mgr.config.export_path, f"global_step_{step}", "policy")
-            export_megatron_hf(role, out, mgr.dist)
-            mgr.last_exported_step = step
+            mgr.export_hf(step, role)  # HF Llama folder, published atomically (config.json from the writer)
         if args.kill_at_step is not None and step == args.kill_at_step:
             print(f"[example] rank {rank}: killed after step {step}", flush=True)
             os._exit(1)
     if mgr.last_saved_step != args.steps:
         mgr.save(args.steps, [role])
+    mgr.close()  # commits a save still in flight (async_save) and releases the run lock
     if args.out:
         from skyrl_callbacks.writers.megatron import gather_full_tensors
 

@@ -97,6 +97,10 @@ class CheckpointConfig:
     state_dict_type: str = "sharded"
     """FSDP only: ``"sharded"`` (every rank writes its shards, reshardable) or ``"full"``."""
 
+    megatron_optimizer_sharding: str = "fully_reshardable"
+    """Megatron ``DistributedOptimizer`` layout: ``"fully_reshardable"`` (loads at any TP/PP/DP; slower save)
+    or ``"dp_reshardable"`` (faster; loads only at the same TP/PP). See ``docs/megatron.md``."""
+
     verify_on_resume: bool = False
     """Verify checksums of every file against the manifest before resuming (sizes are always checked)."""
 
@@ -318,6 +322,11 @@ class CheckpointConfig:
             self.storage_options = dict(self.storage_options)
         if self.state_dict_type not in ("sharded", "full"):
             raise ConfigError(f"state_dict_type={self.state_dict_type!r}: must be 'sharded' or 'full'.")
+        if self.megatron_optimizer_sharding not in ("fully_reshardable", "dp_reshardable"):
+            raise ConfigError(
+                f"megatron_optimizer_sharding={self.megatron_optimizer_sharding!r}: must be 'fully_reshardable' "
+                f"(reshards to any parallelism) or 'dp_reshardable' (same TP/PP only, faster)."
+            )
         for key in ("verify_on_resume", "async_save", "save_on_train_end", "run_lock"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"{key}={getattr(self, key)!r}: must be true or false.")

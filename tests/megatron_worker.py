@@ -303,12 +303,15 @@ def phase_save2(work: str, dist, res: Results) -> None:
     res.run("hf_export_tp2_logits", _hf)
 
     def _hf_tied():
-        from skyrl_callbacks.writers.megatron import export_megatron_hf
+        from skyrl_callbacks import CheckpointManager
 
         trole = H.make_role(H.build_gpt(4, tie=True))
         H.train(trole, 1)
-        out_dir = os.path.join(work, "hf_tp2_tied")
-        files = export_megatron_hf(trole, out_dir, dist, writer=writer)
+        # the production path: CheckpointManager.export_hf (config.json from the writer's hf_config)
+        mgr = CheckpointManager(dict(ckpt_path=os.path.join(work, "ck_hf"), export_path=os.path.join(work, "hf_exports"),
+                                     run_lock=False))
+        out_dir = mgr.export_hf(1, trole)
+        files = sorted(os.listdir(out_dir)) if dist.is_main else []
         mlogits = H.logits(trole.model).float().cpu()
         if not dist.is_main:
             return "rank0 checks"

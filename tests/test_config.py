@@ -105,6 +105,7 @@ BAD = [
     ({"state_dict_type": "gathered"}, ["state_dict_type", "sharded", "full"]),
     ({"verify_on_resume": "yes"}, ["verify_on_resume", "true or false"]),
     ({"async_save": "yes"}, ["async_save", "yes", "true or false"]),
+    ({"megatron_optimizer_sharding": "tp"}, ["megatron_optimizer_sharding", "tp", "fully_reshardable"]),
 ]
 
 

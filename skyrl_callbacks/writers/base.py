@@ -101,5 +101,7 @@ def select_writer(model: Any, config: Any = None) -> RoleWriter:
     except ImportError:  # pragma: no cover
         megatron = None  # type: ignore[assignment]
     if megatron is not None and megatron.is_megatron_model(model):
-        return megatron.MegatronWriter()
+        return megatron.MegatronWriter(
+            optimizer_sharding=getattr(config, "megatron_optimizer_sharding", "fully_reshardable")
+        )
     return plain.PlainWriter()

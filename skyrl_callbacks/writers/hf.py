@@ -205,9 +205,16 @@ def export_role(
     local = out_dir if storage.is_local else tempfile.mkdtemp(prefix="skyrl-hf-")
     try:
         names: list[str] = []
+        # a model without an HF config (megatron-core GPT) gets one from its writer; collective, so a
+        # model the writer cannot map fails on every rank instead of leaving ranks waiting
+        hf_cfg = dist.run(
+            "hf config", lambda: writer.hf_config(role) if hf is None and hasattr(writer, "hf_config") else None
+        )
         stream = writer.full_state_dict(role, dist)
         if dist.is_main:
             write_hf_metadata(local, hf, role.tokenizer)
+            if hf_cfg is not None:
+                hf_cfg.save_pretrained(local)
             keys: list[str] = []
 
             def tracked() -> Iterator[tuple[str, torch.Tensor]]:
@@ -216,6 +223,8 @@ def export_role(
                     yield name, t
 
             skip = tied_duplicate_keys(hf, _state_keys(role))
+            if hf is None and hf_cfg is not None and getattr(hf_cfg, "tie_word_embeddings", False):
+                skip = set(skip) | {"lm_head.weight"}  # save_pretrained drops the tied head too
             names = write_safetensors_stream(tracked(), local, write=True, max_shard_size=limit, dtype=dtype, skip=skip)
         else:
             for _ in stream:  # take part in the collective gathers
