@@ -136,12 +136,25 @@ def model_chunks(model: Any, exclude_prefixes: tuple = ()) -> list:
     """The model chunks of a megatron role: one per virtual pipeline stage (usually one)."""
     cls = _megatron_module_cls()
     chunks = _outer_megatron_modules(model, cls, exclude_prefixes) if cls is not None else []
+    # megatron's DDP / Float16Module wrappers: their inherited sharded_state_dict() prefixes every key
+    # with "module." while their load_state_dict() hands the dict to the inner module unprefixed, so
+    # save and load the inner model (the same keys with and without the wrappers)
+    chunks = [_unwrap_megatron_wrappers(c, cls) for c in chunks]
     if not chunks:
         raise ConfigError(
             f"{type(model).__name__} holds no megatron-core MegatronModule; MegatronWriter saves GPTModel "
             f"(or its DDP/Float16Module wrappers, or a list of virtual-pipeline chunks)."
         )
     return chunks
+
+
+def _unwrap_megatron_wrappers(chunk: Any, cls: type) -> Any:
+    for _ in range(8):
+        inner = getattr(chunk, "module", None)
+        if not isinstance(inner, cls):
+            return chunk
+        chunk = inner
+    return chunk
 
 
 def _require_megatron():
@@ -807,7 +820,11 @@ class MegatronWriter(RoleWriter):
                 try:
                     chunk.load_state_dict(sd, strict=True)
                 except RuntimeError as exc:
-                    raise IncompatibleCheckpointError(f"{path}: model chunk {i} does not match: {_short(exc)}") from exc
+                    keys = sorted(sd)[:4] if isinstance(sd, dict) else type(sd).__name__
+                    raise IncompatibleCheckpointError(
+                        f"{path}: model chunk {i} ({type(chunk).__name__}) does not match: {_short(exc)} "
+                        f"(loaded {len(sd) if isinstance(sd, dict) else '?'} keys, e.g. {keys})"
+                    ) from exc
             for i, opt in enumerate(role.optimizers):
                 key = "optimizer" if len(role.optimizers) == 1 else f"optimizer{i}"
                 try:
