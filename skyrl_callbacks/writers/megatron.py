@@ -148,6 +148,22 @@ def model_chunks(model: Any, exclude_prefixes: tuple = ()) -> list:
     return chunks
 
 
+def _init_megatron_optimizer_state(opt: Any) -> None:
+    """A fresh megatron optimizer over torch's Adam (no TransformerEngine/apex) has no state, and its
+    ``state_dict()`` -- called to build the loading template -- needs a ``step`` per state: allocate
+    the state (megatron's own ``init_state_fn``) with a step of 0; the checkpoint overwrites both."""
+    for sub in getattr(opt, "chained_optimizers", None) or [opt]:
+        inner = getattr(sub, "optimizer", None)
+        init = getattr(sub, "init_state_fn", None)
+        if inner is None or init is None or len(getattr(inner, "state", {}) or {}) > 0:
+            continue
+        with torch.no_grad():
+            init(inner, getattr(sub, "config", None))
+        for st in inner.state.values():
+            if "exp_avg" in st and "step" not in st:
+                st["step"] = torch.tensor(0.0)
+
+
 def _unwrap_megatron_wrappers(chunk: Any, cls: type) -> Any:
     for _ in range(8):
         inner = getattr(chunk, "module", None)
@@ -535,6 +551,8 @@ class MegatronWriter(RoleWriter):
             where = f"{role.name} optimizer {i}"
             if _is_megatron_optimizer(opt):
                 metadata = {"distrib_optim_sharding_type": sharding, "chained_optim_avoid_prefix": True}
+                if loading:
+                    _init_megatron_optimizer_state(opt)
                 with _quiet():
                     state[key] = opt.sharded_state_dict(model_sd, is_loading=loading, metadata=metadata)
             elif isinstance(opt, torch.optim.Optimizer):
@@ -829,7 +847,8 @@ class MegatronWriter(RoleWriter):
                 key = "optimizer" if len(role.optimizers) == 1 else f"optimizer{i}"
                 try:
                     if _is_megatron_optimizer(opt):
-                        opt.load_state_dict(loaded[key])
+                        with torch.no_grad():  # it copies into views of leaf parameters
+                            opt.load_state_dict(loaded[key])
                     else:
                         _torch_optimizer_load(opt, loaded[key])
                 except (KeyError, ValueError, RuntimeError) as exc:
