@@ -434,6 +434,8 @@ class CheckpointManager:
             files += self._write_main(job, job.trainer_state, job.gathered)
         job.algo = checksum_algo()
         hashes = wstore.describe_files(wstaging, files, job.algo)
+        # the writeback happens here, not in the foreground commit's fsync
+        wstore.sync_files(wstaging, files)
         job.t_written = time.perf_counter()
         if wstore is not self.storage:
             self.storage.upload_files(wstaging, job.final, files)

@@ -457,6 +457,25 @@ class Storage:
                 out[rel] = {"size": listing[rel], "hash": None}
         return out
 
+    def sync_files(self, top: str, rel_paths: Iterable[str]) -> None:
+        """Local stores: flush these files to disk now (concurrently), so a later commit's fsync
+        finds nothing left to write. Async saves call it in the background thread, keeping the
+        writeback off the training loop. Object stores: nothing to do."""
+        if not self.is_local:
+            return
+        paths = [self.join(top, rel) for rel in rel_paths]
+        try:
+            if len(paths) > 1:
+                from concurrent.futures import ThreadPoolExecutor
+
+                with ThreadPoolExecutor(max_workers=min(8, len(paths)), thread_name_prefix="skyrl-fsync") as pool:
+                    list(pool.map(_fsync_file, paths))
+            else:
+                for path in paths:
+                    _fsync_file(path)
+        except OSError as exc:
+            raise local_io_error(exc, top, "flushing") from exc
+
     def forget_written(self, top: str) -> None:
         """Drop the recorded sizes/checksums of files below ``top``."""
         bare = self._norm(top) + "/"
