@@ -31,7 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from bench.bench_save import drop_cache, raw_read  # noqa: E402
+from bench.bench_save import drop_cache, raw_read, transformer  # noqa: E402
 
 CHUNK = 8 << 20
 
@@ -44,25 +44,9 @@ def build(params_b: float, device):
     per_layer = 12 * hidden * hidden + 2 * hidden
     layers = max(1, round((params_b * 1e9 - vocab * hidden) / per_layer))
 
-    class Block(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.qkv = torch.nn.Linear(hidden, 3 * hidden, bias=False)
-            self.o = torch.nn.Linear(hidden, hidden, bias=False)
-            self.fc1 = torch.nn.Linear(hidden, 4 * hidden, bias=False)
-            self.fc2 = torch.nn.Linear(4 * hidden, hidden, bias=False)
-            self.n1 = torch.nn.LayerNorm(hidden, bias=False)
-            self.n2 = torch.nn.LayerNorm(hidden, bias=False)
-
-    class Model(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.embed = torch.nn.Embedding(vocab, hidden)
-            self.layers = torch.nn.ModuleList(Block() for _ in range(layers))
-
     torch.manual_seed(0)
     with torch.device(device):
-        model = Model()
+        model = transformer(hidden, vocab, layers)
     for layer in model.layers:
         fully_shard(layer)
     fully_shard(model)

@@ -67,15 +67,9 @@ CHUNK = 8 << 20
 
 
 # --------------------------------------------------------------------------- the state
-def build_state(gib: float, device: str):
-    """A transformer-shaped model (fp32) and AdamW after one step: ~``gib`` GiB in all."""
+def transformer(hidden: int, vocab: int, layers: int):
+    """A transformer-shaped fp32 module (embedding; per layer qkv, o, fc1, fc2, two norms), no forward."""
     import torch
-
-    target_params = gib * (1 << 30) / 4 / 3
-    hidden = 1024 if gib <= 1.5 else 2048
-    vocab = 32000
-    per_layer = 12 * hidden * hidden + 2 * hidden
-    layers = max(1, round((target_params - vocab * hidden) / per_layer))
 
     class Block(torch.nn.Module):
         def __init__(self) -> None:
@@ -93,8 +87,21 @@ def build_state(gib: float, device: str):
             self.embed = torch.nn.Embedding(vocab, hidden)
             self.layers = torch.nn.ModuleList(Block() for _ in range(layers))
 
+    return Model()
+
+
+def build_state(gib: float, device: str):
+    """A transformer-shaped model (fp32) and AdamW after one step: ~``gib`` GiB in all."""
+    import torch
+
+    target_params = gib * (1 << 30) / 4 / 3
+    hidden = 1024 if gib <= 1.5 else 2048
+    vocab = 32000
+    per_layer = 12 * hidden * hidden + 2 * hidden
+    layers = max(1, round((target_params - vocab * hidden) / per_layer))
+
     with torch.device(device):
-        model = Model()
+        model = transformer(hidden, vocab, layers)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     for p in model.parameters():
         p.grad = torch.full_like(p, 1e-3)

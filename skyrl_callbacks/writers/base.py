@@ -86,6 +86,35 @@ class RoleWriter(ABC):
         return None
 
 
+def write_json(storage: "Storage", path: str, data: dict) -> None:
+    """A small JSON file of a writer (``fsdp_config.json``, ``megatron_config.json``)."""
+    import json
+
+    with storage.open(path, "wb") as fh:
+        fh.write(json.dumps(data, indent=1, sort_keys=True).encode("utf-8"))
+
+
+def read_json_object(storage: "Storage", path: str) -> Optional[dict]:
+    """The JSON object in ``path``, or None when there is no such file.
+
+    Raises:
+        CorruptCheckpointError: the file exists but is not a JSON object.
+    """
+    import json
+
+    from skyrl_callbacks.errors import CorruptCheckpointError
+
+    if not storage.exists(path):
+        return None
+    try:
+        data = json.loads(storage.read_text(path))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CorruptCheckpointError(f"{path}: not valid JSON ({exc}).") from exc
+    if not isinstance(data, dict):
+        raise CorruptCheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}.")
+    return data
+
+
 def select_writer(model: Any, config: Any = None) -> RoleWriter:
     """Pick the writer for a model: FSDP2/FSDP1, megatron-core, else plain (single process/DDP)."""
     from skyrl_callbacks.writers import plain

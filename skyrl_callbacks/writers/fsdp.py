@@ -44,7 +44,15 @@ from skyrl_callbacks.errors import (
     IncompatibleCheckpointError,
     StorageError,
 )
-from skyrl_callbacks.writers.base import MODEL_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, RoleWriter
+from skyrl_callbacks.staging import _is_dtensor, _is_sharded_tensor
+from skyrl_callbacks.writers.base import (
+    MODEL_FILE,
+    OPTIMIZER_FILE,
+    SCHEDULER_FILE,
+    RoleWriter,
+    read_json_object,
+    write_json,
+)
 from skyrl_callbacks.writers.plain import pack_states, torch_load, torch_save, unpack_states
 
 if TYPE_CHECKING:
@@ -142,22 +150,6 @@ def _quiet() -> Iterator[None]:
             yield
     finally:
         mesh_logger.setLevel(level)
-
-
-def _is_dtensor(value: Any) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(value, DTensor)
-
-
-def _is_sharded_tensor(value: Any) -> bool:
-    try:
-        from torch.distributed._shard.sharded_tensor import ShardedTensor
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(value, ShardedTensor)
 
 
 def _global_shape(value: torch.Tensor) -> tuple[int, ...]:
@@ -268,9 +260,7 @@ def _collective(dist: "DistContext", phase: str, fn: Callable[[], Any]) -> Any:
     return result
 
 
-def _write_json(storage: "Storage", path: str, data: dict) -> None:
-    with storage.open(path, "wb") as fh:
-        fh.write(json.dumps(data, indent=1, sort_keys=True).encode("utf-8"))
+_write_json = write_json
 
 
 def read_fsdp_config(storage: "Storage", role_dir: str) -> Optional[dict]:
@@ -279,16 +269,7 @@ def read_fsdp_config(storage: "Storage", role_dir: str) -> Optional[dict]:
     Raises:
         CorruptCheckpointError: the file exists but is not a JSON object.
     """
-    path = storage.join(role_dir, FSDP_CONFIG_FILE)
-    if not storage.exists(path):
-        return None
-    try:
-        data = json.loads(storage.read_text(path))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CorruptCheckpointError(f"{path}: not valid JSON ({exc}).") from exc
-    if not isinstance(data, dict):
-        raise CorruptCheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}.")
-    return data
+    return read_json_object(storage, storage.join(role_dir, FSDP_CONFIG_FILE))
 
 
 def native_layout_info(storage: "Storage", role_dir: str) -> Optional[dict]:

@@ -43,7 +43,7 @@ from skyrl_callbacks.errors import (
     MissingDependencyError,
     StorageError,
 )
-from skyrl_callbacks.writers.base import SCHEDULER_FILE, RoleWriter
+from skyrl_callbacks.writers.base import SCHEDULER_FILE, RoleWriter, read_json_object, write_json
 from skyrl_callbacks.writers.plain import pack_states, torch_load, torch_save, unpack_states
 
 if TYPE_CHECKING:
@@ -275,9 +275,7 @@ def _require_local(storage: "Storage", role_dir: str) -> str:
     return os.path.abspath(role_dir)
 
 
-def _write_json(storage: "Storage", path: str, data: dict) -> None:
-    with storage.open(path, "wb") as fh:
-        fh.write(json.dumps(data, indent=1, sort_keys=True).encode("utf-8"))
+_write_json = write_json
 
 
 def read_megatron_config(storage: "Storage", role_dir: str) -> Optional[dict]:
@@ -286,16 +284,7 @@ def read_megatron_config(storage: "Storage", role_dir: str) -> Optional[dict]:
     Raises:
         CorruptCheckpointError: the file exists but is not a JSON object.
     """
-    path = storage.join(role_dir, MEGATRON_CONFIG_FILE)
-    if not storage.exists(path):
-        return None
-    try:
-        data = json.loads(storage.read_text(path))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CorruptCheckpointError(f"{path}: not valid JSON ({exc}).") from exc
-    if not isinstance(data, dict):
-        raise CorruptCheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}.")
-    return data
+    return read_json_object(storage, storage.join(role_dir, MEGATRON_CONFIG_FILE))
 
 
 def _own_files(storage: "Storage", role_dir: str, rank: int) -> list[str]:
