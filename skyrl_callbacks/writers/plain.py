@@ -110,9 +110,16 @@ def _no_zip_crc() -> Iterator[None]:
                 ser_config.save.compute_crc32 = _CRC_USERS[1]
 
 
-def torch_load(storage: "Storage", path: str, *, weights_only: bool = False) -> Any:
-    """``torch.load`` on CPU with a clear error naming the file when it is unreadable."""
+def torch_load(storage: "Storage", path: str, *, weights_only: bool = False, mmap: bool = False) -> Any:
+    """``torch.load`` on CPU with a clear error naming the file when it is unreadable.
+
+    ``mmap=True`` (local files): the tensors map the file (copy-on-write) instead of being read
+    into fresh memory first; ``load_state_dict`` then copies from the page cache once. Committed
+    checkpoint files are never modified in place (retention unlinks them), so the mapping stays valid.
+    """
     try:
+        if mmap and storage.is_local:
+            return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
         with storage.open(path, "rb") as fh:
             return torch.load(fh, map_location="cpu", weights_only=weights_only)
     except FileNotFoundError as exc:
@@ -177,7 +184,7 @@ class PlainWriter(RoleWriter):
     def load(self, storage: "Storage", role_dir: str, role: "Role", dist: "DistContext") -> None:
         model = unwrap_model(role.model)
         path = storage.join(role_dir, MODEL_FILE)
-        sd = torch_load(storage, path, weights_only=True)
+        sd = torch_load(storage, path, weights_only=True, mmap=True)
         strict = not role.exclude_prefixes
         try:
             result = model.load_state_dict(sd, strict=strict)
