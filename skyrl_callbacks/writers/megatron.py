@@ -224,30 +224,8 @@ def _short(exc: BaseException, limit: int = 600) -> str:
     return text if len(text) <= limit else text[:limit] + " ..."
 
 
-def _agree(dist: "DistContext", phase: str, fn: Callable[[], Any]) -> Any:
-    """Run ``fn`` on every rank; if any rank failed, every rank raises (same error class when it
-    is one of ours), so no rank is left waiting in the next collective."""
-    error: Optional[BaseException] = None
-    result = None
-    try:
-        result = fn()
-    except Exception as exc:  # noqa: BLE001 - raised collectively below
-        error = exc
-    msg = None if error is None else (type(error).__name__, str(error))
-    msgs = dist.all_gather(msg)
-    failures = {r: m for r, m in enumerate(msgs) if m is not None}
-    if not failures:
-        return result
-    if error is not None:
-        raise error
-    rank, (cls_name, text) = sorted(failures.items())[0]
-    cls = {
-        "IncompatibleCheckpointError": IncompatibleCheckpointError,
-        "CorruptCheckpointError": CorruptCheckpointError,
-        "StorageError": StorageError,
-        "ConfigError": ConfigError,
-    }.get(cls_name, CheckpointError)
-    raise cls(f"{phase} failed on rank {rank}: {text}")
+# Run on every rank; if any rank failed, every rank raises (the same class when it is one of ours).
+from skyrl_callbacks.writers.fsdp import _collective as _agree  # noqa: E402
 
 
 def _quiet():
