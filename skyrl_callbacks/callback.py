@@ -327,6 +327,8 @@ class SkyRLCheckpoint(_CallbackBase):
     # ------------------------------------------------------------------ actions
     def _save(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", roles: list[Role], step: int,
               blocking: bool = False) -> None:
+        # at most one save in flight: commit (and report) the previous one first
+        self._report(trainer, pl_module, self.manager.wait())
         t0 = time.perf_counter()
         trainer_state, data_state = self._trainer_state(trainer, pl_module, roles)
         result = self.manager.save(step, roles, trainer_state=trainer_state, data_state=data_state, blocking=blocking)

@@ -73,8 +73,8 @@ class SaveResult:
         return self.bytes / 1e9 / self.seconds_total if self.seconds_total > 0 else 0.0
 
     def as_metrics(self) -> dict[str, float]:
-        if self.pending:
-            return {"ckpt/step": float(self.step), "ckpt/seconds_blocked": self.seconds_blocked}
+        if self.pending:  # own keys: the commit of the previous save may be logged at the same step
+            return {"ckpt/async_started_step": float(self.step), "ckpt/async_stall_seconds": self.seconds_blocked}
         return {
             "ckpt/step": float(self.step),
             "ckpt/bytes": float(self.bytes),

@@ -150,4 +150,6 @@ def test_save_metrics_reach_the_lightning_logger(tmp_path, async_save):
         assert float(r["ckpt/gbps"]) > 0
     assert {int(float(r["ckpt/step"])) for r in logged} == {2, 4, 6}
     if async_save:  # the start of each async save logs the time the loop was blocked
-        assert any(r.get("ckpt/seconds_blocked") and not r.get("ckpt/bytes") for r in rows)
+        started = {int(float(r["ckpt/async_started_step"])) for r in rows if r.get("ckpt/async_started_step")}
+        assert started == {2, 4, 6}, started
+        assert all(float(r["ckpt/async_stall_seconds"]) > 0 for r in rows if r.get("ckpt/async_started_step"))

@@ -687,6 +687,7 @@ def finish(callback: Any) -> Optional[SaveResult]:
 
 
 def _save(callback: Any, binding: _Binding, current: int, blocking: bool = False) -> SaveResult:
+    _report(callback, binding, callback.manager.wait())  # at most one in flight: commit and report it first
     t0 = time.perf_counter()
     data_state = binding.data.state_dict() if binding.data is not None else None
     result = callback.manager.save(
