@@ -578,7 +578,344 @@ def phase_load2(work: str, dist, res: Results) -> None:
     _load("converted_native_fsdp2_to2", st.join(work, "converted_fsdp2", "policy"), lambda: build_fsdp2(2).policy, ref)
 
 
-PHASES = {"save2": phase_save2, "load1": phase_load1, "load2": phase_load2}
+# --------------------------------------------------------------------------- Lightning FSDPStrategy views
+# Lightning's FSDPStrategy wraps the whole LightningModule in one FSDP1 root (use_orig_params=True,
+# optionally an auto-wrap policy); the roles are views on that root (Role(model=root,
+# include_prefix="policy.")). These phases emulate exactly that on CPU/gloo.
+VIEW_STEPS = 3
+
+
+class Container(nn.Module):
+    """A LightningModule-like holder: ``policy`` (tiny Llama), optionally ``critic`` (small MLP), a buffer."""
+
+    def __init__(self, seed: int, critic: bool) -> None:
+        super().__init__()
+        self.policy = _tiny_llama(seed)
+        if critic:
+            self.critic = Critic()
+        self.register_buffer("seen", torch.zeros(2))
+
+    def forward(self, ids):
+        out = self.policy(input_ids=ids, labels=ids, output_hidden_states=True)
+        if not hasattr(self, "critic"):
+            return out.loss
+        return out.loss + self.critic(out.hidden_states[-1].detach()).pow(2).mean()
+
+
+class Critic(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(64, 13)
+        self.head = nn.Linear(13, 1)
+
+    def forward(self, h):
+        return self.head(torch.tanh(self.body(h)))
+
+
+def _tiny_llama(seed: int):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=4, vocab_size=128, max_position_embeddings=64)
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+
+
+def build_view_root(seed: int, wrap: str = "none", critic: bool = False, one_opt: bool = False):
+    """What Lightning's FSDPStrategy builds: FSDP1 around the whole module, use_orig_params=True,
+    optimizers created afterwards from the module's parameters (configure_optimizers).
+
+    ``wrap``: ``"none"`` (FSDPStrategy() defaults: one unit), ``"layers"`` (auto_wrap_policy of the
+    decoder layers), ``"policy"`` (the decoder layers and the policy model: policy and critic in
+    units of their own). ``one_opt``: one optimizer over everything (automatic optimization).
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from transformers import LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    container = Container(seed, critic)
+    classes = {"none": None, "layers": {LlamaDecoderLayer}, "policy": {LlamaDecoderLayer, LlamaForCausalLM}}[wrap]
+    kwargs = {"auto_wrap_policy": ModuleWrapPolicy(classes)} if classes else {}
+    root = FSDP(container, use_orig_params=True, device_id=torch.device("cpu"), **kwargs)
+    if one_opt:
+        opts = [torch.optim.AdamW(container.parameters(), lr=LR, weight_decay=0.1)]
+    else:
+        opts = [torch.optim.AdamW(container.policy.parameters(), lr=LR, weight_decay=0.1)]
+        if critic:
+            opts.append(torch.optim.AdamW(container.critic.parameters(), lr=LR))
+    scheds = [torch.optim.lr_scheduler.LambdaLR(opts[0], lambda s: min(1.0, (s + 1) / 4))]
+    return root, container, opts, scheds
+
+
+def view_roles(root, container, opts, scheds):
+    from skyrl_callbacks.roles import assign_optimizers, discover_roles
+
+    roles = discover_roles(container, root=root)
+    assign_optimizers(roles, opts, scheds)
+    return {r.name: r for r in roles}
+
+
+def train_view(root, opts, scheds, steps: int, start: int = 0) -> None:
+    """Same batch on every rank (so world size 1 and 2 compute the same thing)."""
+    for step in range(start, start + steps):
+        ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3000 + step))
+        root(ids).backward()
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
+        for s in scheds:
+            s.step()
+
+
+def gathered_view(root, prefix: str, opt, sched, dist) -> dict:
+    """Rank 0: full weights and FQN-keyed optimizer state of the part of ``root`` under ``prefix``
+    (prefix stripped), by torch's own means: summon_full_params, DSD's sharded optimizer state
+    gathered tensor by tensor."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    from skyrl_callbacks.writers import fsdp as F
+
+    with F._quiet(), FSDP.summon_full_params(root, writeback=False):
+        msd = {_clean(n)[len(prefix):]: p.detach().clone() for n, p in root.named_parameters()
+               if _clean(n).startswith(prefix)}
+        msd.update({_clean(n)[len(prefix):]: b.detach().clone() for n, b in _persistent_buffers(root)
+                    if _clean(n).startswith(prefix)})
+    with F._quiet():
+        osd = F._map_tensors(get_optimizer_state_dict(root, opt), lambda t: F._gather_full(t, dist))
+    if not dist.is_main:
+        return {}
+    strip = lambda k: k[len(prefix):] if k.startswith(prefix) else k  # noqa: E731 - other roles keep their names
+    osd = {"state": {strip(k): v for k, v in osd["state"].items()},
+           "param_groups": [{**g, "params": [strip(k) for k in g["params"]]} for g in osd["param_groups"]]}
+    return {"model": msd, "optim": osd, "sched": [s.state_dict() for s in ([sched] if sched else [])]}
+
+
+def _persistent_buffers(module) -> list:
+    """``named_buffers`` without non-persistent ones (those are not in ``state_dict``)."""
+    out = []
+    for mname, mod in module.named_modules():
+        for bname, buf in mod._buffers.items():
+            if buf is not None and bname not in mod._non_persistent_buffers_set:
+                out.append((f"{mname}.{bname}" if mname else bname, buf))
+    return out
+
+
+def plain_state(model, opt, sched) -> dict:
+    """An unwrapped model's state in the same form as :func:`gathered_view`."""
+    names = [n for n, _ in model.named_parameters()]
+    sd = opt.state_dict()
+    osd = {"state": {names[i]: v for i, v in sd["state"].items()},
+           "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]]}
+    return {"model": {k: v.detach().clone() for k, v in model.state_dict().items()}, "optim": osd,
+            "sched": [sched.state_dict()] if sched else []}
+
+
+def _dcp_keys(path: str) -> list:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return sorted(FileSystemReader(path).read_metadata().state_dict_metadata)
+
+
+def phase_view2(work: str, dist, res: Results) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from skyrl_callbacks.errors import ConfigError, IncompatibleCheckpointError
+    from skyrl_callbacks.manager import CheckpointManager
+    from skyrl_callbacks.roles import Role
+    from skyrl_callbacks.storage import Storage
+    from skyrl_callbacks.writers import fsdp as F
+    from skyrl_callbacks.writers.base import select_writer
+
+    st = Storage(work)
+    plain_keys = sorted(_tiny_llama(0).state_dict())
+
+    def state(root, opts, scheds, name):
+        i = 0 if name == "policy" or len(opts) == 1 else 1
+        return gathered_view(root, f"{name}.", opts[i], scheds[0] if name == "policy" else None, dist)
+
+    def case(tag: str, wrap: str, critic: bool, one_opt: bool = False) -> dict:
+        """Train, save every role through its view (sharded and full), load into a fresh root
+        before its first forward, compare bitwise, then one more step against the uninterrupted run."""
+        root, container, opts, scheds = build_view_root(0, wrap, critic, one_opt)
+        ids0 = [id(p) for p in container.parameters()]
+        roles = view_roles(root, container, opts, scheds)
+        names = list(roles)
+        train_view(root, opts, scheds, VIEW_STEPS)
+        # use_orig_params=True: the optimizers hold the module's own Parameter objects, before and after training
+        opt_ids = [id(p) for o in opts for g in o.param_groups for p in g["params"]]
+        res.add(f"{tag}_param_identity", ids0 == [id(p) for p in container.parameters()] and opt_ids == ids0
+                and set(ids0) == {id(p) for p in root.parameters()}, "Parameter objects changed")
+        refs = {n: state(root, opts, scheds, n) for n in names}
+        twin, _, twin_opts, twin_scheds = build_view_root(0, wrap, critic, one_opt)  # the uninterrupted run
+        train_view(twin, twin_opts, twin_scheds, VIEW_STEPS)
+        dirs = {sdt: st.join(work, f"{tag}_{sdt}_w2") for sdt in ("sharded", "full")}
+        for sdt, d in dirs.items():
+            for role in roles.values():
+                F.FSDPWriter(sdt).save(st, st.join(d, role.name), role, dist)
+        if dist.is_main:
+            dcp_keys = _dcp_keys(os.path.join(dirs["sharded"], "policy", "model_state.dcp"))
+            full = torch.load(os.path.join(dirs["full"], "policy", "model_state.pt"), weights_only=True)
+            res.add(f"{tag}_keys_like_plain_policy", dcp_keys == plain_keys and sorted(full) == plain_keys,
+                    f"{dcp_keys[:4]} / {sorted(full)[:4]}")
+            res.same(f"{tag}_full_model_equals_gathered", full, refs["policy"]["model"])
+        else:
+            res.add(f"{tag}_keys_like_plain_policy", True)
+            res.add(f"{tag}_full_model_equals_gathered", True)
+        for sdt, d in dirs.items():
+            def _load(sdt=sdt, d=d):
+                froot, fc, fopts, fscheds = build_view_root(7, wrap, critic, one_opt)
+                fresh = view_roles(froot, fc, fopts, fscheds)
+                others = {n: state(froot, fopts, fscheds, n) for n in names[1:]}
+                # loaded through the root, before its first forward (FSDP1 initialises lazily)
+                F.FSDPWriter().load(st, st.join(d, "policy"), fresh["policy"], dist)
+                res.same(f"{tag}_{sdt}_2to2", state(froot, fopts, fscheds, "policy"), refs["policy"])
+                for n in names[1:]:
+                    if not one_opt:  # a spanning optimizer was loaded with the policy
+                        res.same(f"{tag}_{sdt}_other_role_untouched", state(froot, fopts, fscheds, n), others[n])
+                    F.FSDPWriter().load(st, st.join(d, n), fresh[n], dist)
+                    res.same(f"{tag}_{sdt}_2to2_{n}", state(froot, fopts, fscheds, n), refs[n])
+                if sdt == "sharded":  # one more step equals the uninterrupted run's
+                    train_view(froot, fopts, fscheds, 1, start=VIEW_STEPS)
+                    train_view(twin, twin_opts, twin_scheds, 1, start=VIEW_STEPS)
+                    for n in names:
+                        res.same(f"{tag}_resume_next_step_bitwise_{n}", state(froot, fopts, fscheds, n),
+                                 state(twin, twin_opts, twin_scheds, n))
+
+            res.run(f"{tag}_{sdt}_2to2", _load)
+        return {"root": root, "opts": opts, "scheds": scheds, "roles": roles, "refs": refs, "dirs": dirs}
+
+    # Lightning's FSDPStrategy() defaults (one FSDP unit) and an auto-wrap policy of the decoder layers
+    res.run("view_nowrap", lambda: case("view_nowrap", "none", critic=False))
+    res.run("view_layers", lambda: case("view_layers", "layers", critic=False))
+    # policy + critic with optimizers of their own: each in FSDP units of its own
+    main: dict = {}
+    res.run("view_pc", lambda: main.update(case("view_pc", "policy", critic=True)))
+    # one optimizer over policy and critic (automatic optimization), saved under policy
+    res.run("view_oneopt", lambda: case("view_oneopt", "none", critic=True, one_opt=True))
+    if not main:
+        return
+    ref = main["refs"]["policy"]
+    if dist.is_main:
+        torch.save({"policy": ref}, os.path.join(work, "ref_view.pt"))
+    res.add("view_roles_built", all(r.model is main["root"] for r in main["roles"].values())
+            and main["roles"]["policy"].include_prefix == "policy." and main["roles"]["critic"].include_prefix == "critic."
+            and main["roles"]["policy"].optimizers == main["opts"][:1] and main["roles"]["critic"].optimizers == main["opts"][1:]
+            and main["roles"]["policy"].schedulers == main["scheds"] and isinstance(select_writer(main["root"]), F.FSDPWriter))
+
+    # a view checkpoint loads into another FSDP structure (decoder-layer units, no critic)
+    def _cross():
+        for sdt in ("sharded", "full"):
+            froot, fc, fopts, fscheds = build_view_root(8, "layers", critic=False)
+            F.FSDPWriter().load(st, st.join(main["dirs"][sdt], "policy"), view_roles(froot, fc, fopts, fscheds)["policy"], dist)
+            res.same(f"view_{sdt}_into_other_wrap", state(froot, fopts, fscheds, "policy"), ref)
+
+    res.run("view_into_other_wrap", _cross)
+
+    # separate optimizers inside one FSDP unit: FSDP1 has no optimizer state dict for them
+    def _coverage():
+        root, container, opts, scheds = build_view_root(0, "none", critic=True)
+        train_view(root, opts, scheds, 1)
+        res.add("view_coverage_detected", len(F.fsdp1_optimizer_coverage(root, opts)) == 2
+                and not F.fsdp1_optimizer_coverage(main["root"], main["opts"]),
+                str(F.fsdp1_optimizer_coverage(root, opts)))
+        pol = view_roles(root, container, opts, scheds)["policy"]
+        res.raises("view_coverage_error", lambda: F.FSDPWriter().save(st, st.join(work, "cov", "policy"), pol, dist),
+                   ConfigError, "auto_wrap_policy", "one optimizer")
+
+    res.run("view_coverage", _coverage)
+
+    # a checkpoint saved from a plain (unwrapped) policy loads into the view, bitwise
+    def _plain_to_view():
+        plain = _tiny_llama(0)
+        popt = torch.optim.AdamW(plain.parameters(), lr=LR, weight_decay=0.1)
+        psched = torch.optim.lr_scheduler.LambdaLR(popt, lambda s: min(1.0, (s + 1) / 4))
+        for step in range(VIEW_STEPS + 1):  # an independent single-process run
+            ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(5000 + step))
+            plain(input_ids=ids, labels=ids).loss.backward()
+            popt.step()
+            popt.zero_grad()
+            psched.step()
+        pref = plain_state(plain, popt, psched)
+        prole = Role("policy", plain, [popt], [psched])
+        for sdt in ("sharded", "full"):
+            d = st.join(work, f"plain_{sdt}_w2", "policy")
+            F.FSDPWriter(sdt).save(st, d, prole, dist)
+            froot, fc, fopts, fscheds = build_view_root(9, "policy", critic=True)
+            F.FSDPWriter().load(st, d, view_roles(froot, fc, fopts, fscheds)["policy"], dist)
+            res.same(f"plain_{sdt}_into_view", state(froot, fopts, fscheds, "policy"), pref)
+        if dist.is_main:
+            mine = os.path.join(main["dirs"]["sharded"], "policy")
+            res.add("plain_and_view_checkpoints_same_keys",
+                    _dcp_keys(os.path.join(work, "plain_sharded_w2", "policy", "model_state.dcp"))
+                    == _dcp_keys(os.path.join(mine, "model_state.dcp"))
+                    and _dcp_keys(os.path.join(work, "plain_sharded_w2", "policy", "optimizer_state.dcp"))
+                    == _dcp_keys(os.path.join(mine, "optimizer_state.dcp")))
+        else:
+            res.add("plain_and_view_checkpoints_same_keys", True)
+
+    res.run("plain_into_view", _plain_to_view)
+
+    # HF export of the view through the manager (rank 0 asks for the keys alone: no collective there)
+    def _export():
+        mgr = CheckpointManager({"ckpt_path": st.join(work, "view_mgr"), "export_path": st.join(work, "view_export")},
+                                dist)
+        out = mgr.export_hf(3, main["roles"]["policy"])
+        if dist.is_main:
+            loaded = AutoModelForCausalLM.from_pretrained(out)
+            res.same("view_hf_export", dict(loaded.state_dict()), ref["model"])
+        else:
+            res.add("view_hf_export", True)
+
+    res.run("view_hf_export", _export)
+
+    # SkyRL's native per-rank layout holds one whole model: refused for a prefixed view
+    def _native():
+        dn = os.path.join(work, "native_view_root", "policy")
+        write_native(dn, Role("policy", main["root"], main["opts"][:1], main["scheds"]), dist, "fsdp")
+        res.raises("view_native_refused", lambda: F.FSDPWriter().load(st, dn, main["roles"]["policy"], dist),
+                   IncompatibleCheckpointError, "'policy.'", "skyrl-ckpt convert")
+
+    res.run("view_native_refused", _native)
+
+
+def phase_view1(work: str, dist, res: Results) -> None:
+    """World size 1: the view checkpoints load into a plain (unwrapped) policy, bitwise."""
+    from skyrl_callbacks.roles import Role
+    from skyrl_callbacks.storage import Storage
+    from skyrl_callbacks.writers import fsdp as F
+
+    st = Storage(work)
+    ref = torch.load(os.path.join(work, "ref_view.pt"), weights_only=False)["policy"]
+
+    def fresh():
+        plain = _tiny_llama(11)
+        opt = torch.optim.AdamW(plain.parameters(), lr=LR, weight_decay=0.1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 4))
+        return plain, opt, sched
+
+    for sdt in ("sharded", "full"):
+        def _load(sdt=sdt):
+            plain, opt, sched = fresh()
+            F.FSDPWriter().load(st, st.join(work, f"view_pc_{sdt}_w2", "policy"), Role("policy", plain, [opt], [sched]), dist)
+            res.same(f"view_{sdt}_into_plain_policy", plain_state(plain, opt, sched), ref)
+
+        res.run(f"view_{sdt}_into_plain_policy", _load)
+
+    def _torch_load():  # full files: plain torch.load -> load_state_dict, no skyrl code
+        plain, opt, sched = fresh()
+        d = os.path.join(work, "view_pc_full_w2", "policy")
+        plain.load_state_dict(torch.load(os.path.join(d, "model_state.pt"), weights_only=True))
+        opt.load_state_dict(torch.load(os.path.join(d, "optimizer_state.pt"), weights_only=False))
+        sched.load_state_dict(torch.load(os.path.join(d, "lr_scheduler_state.pt"), weights_only=False))
+        res.same("view_full_torch_load_into_plain", plain_state(plain, opt, sched), ref)
+
+    res.run("view_full_torch_load_into_plain", _torch_load)
+
+
+PHASES = {"save2": phase_save2, "load1": phase_load1, "load2": phase_load2, "view2": phase_view2,
+          "view1": phase_view1}
 
 
 # --------------------------------------------------------------------------- process plumbing

@@ -68,6 +68,7 @@ __all__ = [
     "fsdp_strategy_of",
     "check_shared_storage",
     "convert_skyrl_native",
+    "fsdp1_optimizer_coverage",
     "native_layout_info",
     "read_fsdp_config",
     "FSDP_CONFIG_FILE",
@@ -422,9 +423,20 @@ def _dcp_load(state: dict, storage: "Storage", path: str, dist: Optional["DistCo
 
     reader = _dcp_reader(storage, path)
     no_dist = dist is None or not dist.enabled
+    planner = None
+    if any(_is_sharded_tensor(t) and not t.local_shards() for _, t in _walk_tensors(state)):
+        # FSDP1 hands out ShardedTensors without a local shard on ranks that hold none of a small
+        # parameter (e.g. a 1-row head under an FSDP root). DCP's default planner drops them while
+        # flattening, then takes the missing keys for a pre-2.4 checkpoint and re-keys the whole
+        # state dict the old way ("Missing key ...: optimizer_0.param_groups"). Unflattened, they
+        # simply issue no reads.
+        from torch.distributed.checkpoint import DefaultLoadPlanner
+
+        planner = DefaultLoadPlanner(flatten_sharded_tensors=False)
     try:
         with _quiet():
-            dcp.load(state, storage_reader=reader, process_group=None if no_dist else dist.group, no_dist=no_dist)
+            dcp.load(state, storage_reader=reader, planner=planner, process_group=None if no_dist else dist.group,
+                     no_dist=no_dist)
     except BaseException as exc:
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
@@ -490,25 +502,129 @@ def _sd_options(**kwargs: Any):
 
 
 def _model_sd(role: "Role", **options: Any) -> dict:
+    """The role's model state dict through DSD, keyed as saved: for a view (``include_prefix``)
+    only the keys under the prefix, with the prefix stripped; excluded prefixes left out."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     with _quiet():
         sd = get_model_state_dict(role.model, options=_sd_options(**options))
+    if role.is_view:
+        out = {}
+        for key, value in sd.items():
+            own = role.own_key(key)
+            if own is not None:
+                out[own] = value
+        return out
     if role.exclude_prefixes:
         sd = {k: v for k, v in sd.items() if not k.startswith(role.exclude_prefixes)}
     return sd
 
 
+def _root_fqns(role: "Role") -> set:
+    """Clean FQNs of every parameter of ``role.model`` (what DSD's optimizer state is keyed by)."""
+    from skyrl_callbacks.roles import clean_name
+
+    return {clean_name(n) for n, _ in role.model.named_parameters()}
+
+
+def _osd_strip_prefix(role: "Role", osd: dict) -> dict:
+    """A view's optimizer state as saved: FQNs under ``include_prefix`` lose the prefix (``state``
+    keys and ``param_groups[i]["params"]``); parameters of other roles (an optimizer spanning
+    several roles is saved under ``policy``) keep their full names."""
+    prefix = role.include_prefix or ""
+    if not prefix:
+        return osd
+    stripped = {k[len(prefix):] for g in osd.get("param_groups", []) for k in g["params"] if k.startswith(prefix)}
+    foreign = {k for g in osd.get("param_groups", []) for k in g["params"] if not k.startswith(prefix)}
+    clash = sorted(stripped & foreign)
+    if clash:
+        raise ConfigError(
+            f"roles: the {role.name} optimizer holds parameters {clash[:3]} of another role and the same names under "
+            f"include_prefix={prefix!r}; its state cannot be saved unambiguously. Give each role its own optimizer."
+        )
+
+    def fix(key: Any) -> Any:
+        return key[len(prefix):] if isinstance(key, str) and key.startswith(prefix) else key
+
+    groups = [{**g, "params": [fix(k) for k in g["params"]]} for g in osd.get("param_groups", [])]
+    return {"state": {fix(k): v for k, v in osd.get("state", {}).items()}, "param_groups": groups}
+
+
+def _osd_add_prefix(role: "Role", osd: dict) -> dict:
+    """The inverse of :func:`_osd_strip_prefix` (a name gets the prefix back when the root has
+    a parameter of that name)."""
+    prefix = role.include_prefix or ""
+    if not prefix:
+        return osd
+    fqns = _root_fqns(role)
+
+    def fix(key: Any) -> Any:
+        return prefix + key if isinstance(key, str) and prefix + key in fqns else key
+
+    groups = [{**g, "params": [fix(k) for k in g["params"]]} for g in osd.get("param_groups", [])]
+    return {"state": {fix(k): v for k, v in osd.get("state", {}).items()}, "param_groups": groups}
+
+
+def fsdp1_optimizer_coverage(model: torch.nn.Module, optimizers: list) -> list[str]:
+    """Problems that keep FSDP1 (``use_orig_params=True``) from giving an optimizer state dict.
+
+    FSDP1 flattens the parameters of each FSDP unit into one flat parameter; its optimizer state
+    dict (``FSDP.optim_state_dict``, which DSD and Lightning use) requires an optimizer holding one
+    trainable parameter of a unit to hold all of them. Separate policy/critic optimizers inside one
+    unit (Lightning's ``FSDPStrategy()`` without an auto-wrap policy) break that rule.
+    """
+    _, fsdp1_cls = _fsdp_classes()
+    if fsdp1_cls is None:
+        return []
+    problems = []
+    for unit in fsdp1_cls.fsdp_modules(model):
+        flat = getattr(getattr(unit, "_handle", None), "flat_param", None)
+        params = getattr(flat, "_params", None) or []
+        names = list(getattr(flat, "_fqns", None) or [str(i) for i in range(len(params))])
+        trainable = {id(p) for p in params if p.requires_grad}
+        for i, opt in enumerate(optimizers):
+            held = {id(p) for g in opt.param_groups for p in g["params"]} & trainable
+            if held and held != trainable:
+                missing = [n for n, p in zip(names, params) if p.requires_grad and id(p) not in held]
+                problems.append(f"optimizer {i} ({type(opt).__name__}) holds {len(held)} of the {len(trainable)} "
+                                f"trainable parameters of one FSDP unit, not e.g. {missing[:3]}")
+    return problems
+
+
 def _optim_sd(role: "Role", optimizer: Any, **options: Any) -> dict:
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    with _quiet():
-        return get_optimizer_state_dict(role.model, optimizer, options=_sd_options(**options))
+    try:
+        with _quiet():
+            osd = get_optimizer_state_dict(role.model, optimizer, options=_sd_options(**options))
+    except RuntimeError as exc:
+        if "is not in the optimizer state" not in str(exc):
+            raise
+        raise ConfigError(
+            f"the {role.name} optimizer: FSDP1 cannot produce its state dict ({_short(exc, 300)}). An optimizer that "
+            f"holds one parameter of an FSDP unit must hold all of its trainable parameters. Under Lightning's "
+            f"FSDPStrategy give the policy and critic FSDP units of their own (e.g. auto_wrap_policy="
+            f"{{type(policy), type(critic)}} or their layer classes plus the top-level model classes), or use "
+            f"one optimizer for all of them."
+        ) from exc
+    return _osd_strip_prefix(role, osd) if role.is_view else osd
 
 
 def _set_model_sd(role: "Role", sd: dict) -> None:
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
+    if role.is_view:
+        # The root holds other roles (and reference models) too. FSDP1's sharded load expects
+        # every key of each FSDP unit, so the other keys are filled with their current (sharded)
+        # values: loading one role leaves the rest of the root as it is.
+        with _quiet():
+            current = get_model_state_dict(role.model, options=_sd_options())
+        prefix = role.include_prefix or ""
+        for key, value in sd.items():
+            current[prefix + key] = value
+        with _quiet():
+            set_model_state_dict(role.model, current, options=_sd_options(strict=True))
+        return
     with _quiet():
         set_model_state_dict(role.model, sd, options=_sd_options(strict=not role.exclude_prefixes))
 
@@ -516,8 +632,30 @@ def _set_model_sd(role: "Role", sd: dict) -> None:
 def _set_optim_sd(role: "Role", optimizer: Any, osd: dict) -> None:
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
+    if role.is_view:
+        osd = _osd_add_prefix(role, osd)
     with _quiet():
         set_optimizer_state_dict(role.model, optimizer, osd, options=_sd_options())
+
+
+def _param_order(role: "Role", model_keys: list) -> list:
+    """``model_keys`` in ``named_parameters()`` order of the role's module (what
+    ``AdamW(policy.parameters())`` numbers), the keys that are no parameter name after them.
+
+    State-dict order and parameter order can differ under an FSDP1 root; full checkpoints
+    number optimizer state in parameter order so that they load into an unwrapped model.
+    """
+    from skyrl_callbacks.roles import clean_name
+
+    keys = set(model_keys)
+    order: list = []
+    seen: set = set()
+    for name, _ in role.model.named_parameters():
+        own = role.own_key(clean_name(name)) if role.is_view else clean_name(name)
+        if own is not None and own in keys and own not in seen:
+            seen.add(own)
+            order.append(own)
+    return order + [k for k in model_keys if k not in seen]
 
 
 def _gather_full(value: torch.Tensor, dist: "DistContext") -> Optional[torch.Tensor]:
@@ -767,6 +905,7 @@ class FSDPWriter(RoleWriter):
             "model": model_sd,
             "optim": optim,
             "schedulers": pack_states(role.schedulers) if (role.schedulers and dist.is_main) else None,
+            "param_order": _param_order(role, list(model_sd)) if (self.state_dict_type == "full" and dist.is_main) else None,
         }
 
     def _write(self, storage: "Storage", role_dir: str, state: dict, dist: "DistContext") -> list[str]:
@@ -833,7 +972,8 @@ class FSDPWriter(RoleWriter):
             torch_save(storage, storage.join(role_dir, MODEL_FILE), _map_tensors(model_sd, dealias))
             out = [MODEL_FILE]
             if optim_sds:
-                states = [_StaticState(_map_tensors(_osd_fqn_to_index(o, list(model_sd)), dealias)) for o in optim_sds]
+                order = state.get("param_order") or list(model_sd)
+                states = [_StaticState(_map_tensors(_osd_fqn_to_index(o, order), dealias)) for o in optim_sds]
                 torch_save(storage, storage.join(role_dir, OPTIMIZER_FILE), pack_states(states))
                 out.append(OPTIMIZER_FILE)
             return out
@@ -928,7 +1068,7 @@ class FSDPWriter(RoleWriter):
             return full
 
         full = _collective(dist, "fsdp load (read model_state.pt)", _read_model)
-        model_keys = list(template)
+        model_keys = _param_order(role, list(template))
         for key, value in _walk_tensors(template):
             _scatter_from_main(value, None if full is None else _get_path(full, key), dist)
         del full
@@ -1034,6 +1174,13 @@ class FSDPWriter(RoleWriter):
             model_sd, osd, extra = _collective(dist, "fsdp load (read SkyRL native files)", _read)
 
         def _apply() -> None:
+            if role.include_prefix:
+                raise IncompatibleCheckpointError(
+                    f"{role_dir}: is a SkyRL native FSDP checkpoint (per-rank files of one whole FSDP model), but "
+                    f"the {role.name} role is the part {role.include_prefix!r} of a larger FSDP root (Lightning's "
+                    f"FSDPStrategy); its per-rank shards cannot be mapped onto that root. Convert it with "
+                    f"`{CONVERT_HINT}` first; the converted layout loads into such a role."
+                )
             if role.exclude_prefixes:
                 raise IncompatibleCheckpointError(
                     f"{role_dir}: SkyRL native checkpoints hold a whole model; roles with excluded prefixes "
@@ -1089,6 +1236,16 @@ class FSDPWriter(RoleWriter):
                 full = torch.empty(0, dtype=_dtype_of(value))
             yield name, full
             del full, value
+
+    def hf_config(self, role: "Role") -> Any:
+        """The HF config of a view's module (``writers.hf.export_role`` asks the writer when
+        ``role.model`` itself, an FSDP1 root around a LightningModule, is no HF model)."""
+        if not role.is_view:
+            return None
+        from skyrl_callbacks.writers.hf import hf_model_of
+
+        hf = hf_model_of(role.module)
+        return None if hf is None else hf.config
 
     # ------------------------------------------------------------------ validation
     def validate_dir(self, storage: "Storage", role_dir: str) -> Optional[str]:
