@@ -117,8 +117,28 @@ class SkyRLCheckpoint(_CallbackBase):
         return "SkyRLCheckpoint"
 
     # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _fsdp1_root(trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> Any:
+        """The FSDP1 ``FullyShardedDataParallel`` root that wraps the whole ``pl_module``
+        (Lightning's ``FSDPStrategy``: ``trainer.strategy.model``), or None."""
+        root = getattr(getattr(trainer, "strategy", None), "model", None)
+        if root is None or root is pl_module:
+            return None
+        try:
+            from torch.distributed.fsdp import FullyShardedDataParallel
+        except ImportError:  # pragma: no cover - torch without distributed
+            return None
+        if isinstance(root, FullyShardedDataParallel) and root.module is pl_module:
+            return root
+        return None
+
     def _roles(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> list[Role]:
-        roles = discover_roles(pl_module, self.role_attrs, self.ref_attrs)
+        # Under Lightning's FSDPStrategy the LightningModule is wrapped whole in one FSDP1 root:
+        # its policy/critic hold flat shard views, so each role is a view on the root (keys under
+        # "policy." etc.), saved and loaded through the root. With use_orig_params=True (the
+        # strategy's default) the optimizers hold the same Parameter objects as pl_module, so the
+        # assignment by parameter identity below still works.
+        roles = discover_roles(pl_module, self.role_attrs, self.ref_attrs, root=self._fsdp1_root(trainer, pl_module))
         schedulers = [cfg.scheduler for cfg in trainer.lr_scheduler_configs]
         assign_optimizers(roles, trainer.optimizers, schedulers)
         tok = self.tokenizer if self.tokenizer is not None else getattr(pl_module, "tokenizer", None)
@@ -139,13 +159,53 @@ class SkyRLCheckpoint(_CallbackBase):
         self.step += 1
         return self.step
 
+    def _extra_prefixes(self) -> tuple:
+        prefixes = tuple(f"{a}." for a in (self.role_attrs or {"policy": "policy", "critic": "critic"}).values() if a)
+        return prefixes + tuple(f"{a}." for a in self.ref_attrs)
+
     def _extra_module_state(self, pl_module: "pl.LightningModule", roles: list[Role]) -> dict:
         """Parameters/buffers of the module that belong to no role (and to no reference model)."""
-        if len(roles) == 1 and roles[0].model is pl_module:
+        if len(roles) == 1 and (roles[0].model is pl_module or roles[0].include_prefix == ""):
             return {}
-        prefixes = tuple(f"{a}." for a in (self.role_attrs or {"policy": "policy", "critic": "critic"}).values() if a)
-        prefixes += tuple(f"{a}." for a in self.ref_attrs)
+        prefixes = self._extra_prefixes()
+        if any(r.is_view for r in roles):
+            return self._extra_buffers_under_root(pl_module, prefixes)
         return {k: v for k, v in pl_module.state_dict().items() if not k.startswith(prefixes)}
+
+    def _check_fsdp1_root(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", roles: list[Role]) -> None:
+        """Refuse, before training, what cannot be saved under an FSDP1 root."""
+        from skyrl_callbacks.errors import ConfigError
+        from skyrl_callbacks.writers.fsdp import fsdp1_optimizer_coverage
+
+        self._extra_module_state(pl_module, roles)  # trainable parameters outside every role
+        problems = fsdp1_optimizer_coverage(roles[0].model, list(trainer.optimizers))
+        if problems:
+            raise ConfigError(
+                f"strategy: under Lightning's FSDPStrategy, FSDP1 can only save an optimizer that holds all trainable "
+                f"parameters of each FSDP unit it touches: {'; '.join(problems[:3])}. Give the policy and critic FSDP "
+                f"units of their own, e.g. FSDPStrategy(auto_wrap_policy={{<policy class>, <critic class>}}) (layer "
+                f"classes may be added), or use one optimizer for all parameters."
+            )
+
+    @staticmethod
+    def _extra_buffers_under_root(pl_module: "pl.LightningModule", prefixes: tuple) -> dict:
+        """Under an FSDP1 root ``pl_module.state_dict()`` is a collective (or hands out flat shard
+        views), so only buffers (never sharded) outside the roles are kept; a trainable parameter
+        outside every role cannot be saved this way and is refused."""
+        from skyrl_callbacks.errors import ConfigError
+        from skyrl_callbacks.roles import clean_name
+
+        stray = [clean_name(n) for n, p in pl_module.named_parameters() if p.requires_grad]
+        stray = [n for n in stray if not n.startswith(prefixes)]
+        if stray:
+            raise ConfigError(
+                f"roles: under Lightning's FSDPStrategy the trainable parameters {stray[:8]} of "
+                f"{type(pl_module).__name__} belong to no role (roles are the attributes "
+                f"{[p[:-1] for p in prefixes]}), so SkyRLCheckpoint cannot save them. Move them into the policy "
+                f"(or critic) module, or map a role to the module holding them with SkyRLCheckpoint(roles=...)."
+            )
+        return {clean_name(n): b.detach().cpu().clone() for n, b in pl_module.named_buffers()
+                if not clean_name(n).startswith(prefixes)}
 
     def _trainer_state(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", roles: list[Role]) -> tuple[dict, Any]:
         loop_sd = trainer.fit_loop.state_dict()
@@ -231,21 +291,11 @@ class SkyRLCheckpoint(_CallbackBase):
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self.manager is None:
             self.manager = CheckpointManager(self.config, DistContext())
-        strategy = type(trainer.strategy).__name__
-        if strategy == "FSDPStrategy":
-            from skyrl_callbacks.errors import ConfigError
-
-            # Lightning's FSDPStrategy wraps the whole LightningModule in one FSDP1 unit, so the
-            # role modules hold flat shard pieces: saving them would write unusable checkpoints.
-            raise ConfigError(
-                "SkyRLCheckpoint does not support Lightning's FSDPStrategy (strategy='fsdp') yet: it wraps the "
-                "whole LightningModule, so the policy/critic modules hold flat shards. Use "
-                "ModelParallelStrategy and apply torch.distributed.fsdp.fully_shard (FSDP2) in "
-                "configure_model, or Accelerate's FSDP plugin; both are supported and tested."
-            )
         self.manager.dist = DistContext()  # the process group exists now
-        self.manager.acquire_lock()  # fail before training if another live run owns ckpt_path
         roles = self._roles(trainer, pl_module)
+        if any(r.is_view for r in roles):
+            self._check_fsdp1_root(trainer, pl_module, roles)
+        self.manager.acquire_lock()  # fail before training if another live run owns ckpt_path
         state = self.manager.resume(roles)
         if state is None:
             self.step = 0
@@ -271,7 +321,9 @@ class SkyRLCheckpoint(_CallbackBase):
             if key in by_key:
                 by_key[key].load_state_dict(cb_state)
         extra = lt.get("module_extra_state") or {}
-        if extra:
+        if extra and any(r.is_view for r in roles):
+            _load_buffers(pl_module, extra)  # no load_state_dict inside an FSDP1 root (collective hooks)
+        elif extra:
             pl_module.load_state_dict(extra, strict=False)
         if lt.get("module_checkpoint"):
             pl_module.on_load_checkpoint(lt["module_checkpoint"])
@@ -384,6 +436,23 @@ class SkyRLCheckpoint(_CallbackBase):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.step = int(state_dict.get("step", self.step))
+
+
+def _load_buffers(module: Any, extra: dict) -> None:
+    """Copy saved buffers (clean names) into ``module``'s buffers in place."""
+    import torch
+
+    from skyrl_callbacks.roles import clean_name
+
+    buffers = {clean_name(n): b for n, b in module.named_buffers()}
+    with torch.no_grad():
+        for name, value in extra.items():
+            buf = buffers.get(name)
+            if buf is not None and isinstance(value, torch.Tensor) and buf.shape == value.shape:
+                buf.copy_(value.to(device=buf.device, dtype=buf.dtype))
+            else:
+                logger.warning("module_extra_state: %s does not match a buffer of %s; not restored",
+                               name, type(module).__name__)
 
 
 def summary_line(result: SaveResult, seconds: float) -> str:
