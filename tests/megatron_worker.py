@@ -444,6 +444,23 @@ def _megatron_train(role, steps: int, start: int = 0) -> None:
         role.optimizers[0].step()
 
 
+def _adam_steps(role) -> list:
+    """Every parameter's Adam ``step`` tensor of the role's megatron optimizer."""
+    opt = role.optimizers[0]
+    return [st["step"] for sub in (getattr(opt, "chained_optimizers", None) or [opt])
+            for st in sub.optimizer.state.values() if "step" in st]
+
+
+def _check_adam_steps(loaded, saved) -> None:
+    """After a load each parameter has its own step tensor (a shared one advances once per parameter
+    per step) holding the saving run's step."""
+    got, ref = _adam_steps(loaded), _adam_steps(saved)
+    assert got, "the loaded optimizer has no Adam step tensors"
+    assert len({id(t) for t in got}) == len(got), f"{len(got)} params share {len({id(t) for t in got})} step tensor(s)"
+    assert {float(t) for t in got} == {float(t) for t in ref}, f"steps {sorted({float(t) for t in got})} vs " \
+        f"{sorted({float(t) for t in ref})}"
+
+
 def _state_or_model(writer, role, dist) -> dict:
     """Model + optimizer state when the optimizer's sharded form gathers to full tensors, else the model."""
     try:
@@ -455,30 +472,49 @@ def _state_or_model(writer, role, dist) -> dict:
         return H.full_state(writer, role, dist, model_only=True)
 
 
+def _distopt_roundtrips(work: str, dist, res: Results, tp: int):
+    """Save the DistributedOptimizer role in both shardings, load into a fresh role at the same
+    layout: weights equal, every parameter its own Adam step holding the saved step, and one more
+    step bitwise equal to the saving role's. Returns the saving role (4 steps trained)."""
+    from skyrl_callbacks.storage import Storage
+    from skyrl_callbacks.writers.megatron import MegatronWriter
+
+    st = Storage(work)
+    role = _megatron_ddp_role(51, tp=tp)
+    _megatron_train(role, 2)
+    tag = f"tp{tp}_to_tp{tp}"
+    for sharding in ("fully_reshardable", "dp_reshardable"):
+        def fn(sharding=sharding):
+            w = MegatronWriter(sharding)
+            ref = _model_only(H.full_state(w, role, dist, model_only=True))
+            d = _mkdir(work, f"distopt_{sharding}_tp{tp}", "policy")
+            w.save(st, d, role, dist)
+            fresh = _megatron_ddp_role(52, tp=tp)
+            _megatron_train(fresh, 1, start=7)  # give it optimizer state to overwrite
+            w.load(st, d, fresh, dist)
+            res.same(f"distopt_{sharding}_{tag}_model", H.full_state(w, fresh, dist, model_only=True), ref)
+            _check_adam_steps(fresh, role)
+            _megatron_train(role, 1, start=3)
+            _megatron_train(fresh, 1, start=3)
+            res.same(f"distopt_{sharding}_{tag}_next_step", H.full_state(w, fresh, dist, model_only=True),
+                     H.full_state(w, role, dist, model_only=True))
+            return "saved, reloaded (own step per parameter), one more step equal"
+
+        res.run(f"distopt_{sharding}_roundtrip_tp{tp}", fn)
+    return role
+
+
+def phase_solo(work: str, dist, res: Results) -> None:
+    """One GPU: DistributedOptimizer (TP1, DP1) round trips in both shardings."""
+    _distopt_roundtrips(work, dist, res, tp=1)
+
+
 def phase_gpu2(work: str, dist, res: Results) -> None:
     from skyrl_callbacks.storage import Storage
     from skyrl_callbacks.writers.megatron import MegatronWriter
 
     st = Storage(work)
-    role = _megatron_ddp_role(51, tp=2)
-    _megatron_train(role, 2)
-    for sharding in ("fully_reshardable", "dp_reshardable"):
-        def fn(sharding=sharding):
-            w = MegatronWriter(sharding)
-            ref = _model_only(H.full_state(w, role, dist, model_only=True))
-            d = _mkdir(work, f"distopt_{sharding}", "policy")
-            w.save(st, d, role, dist)
-            fresh = _megatron_ddp_role(52, tp=2)
-            _megatron_train(fresh, 1, start=7)  # give it optimizer state to overwrite
-            w.load(st, d, fresh, dist)
-            res.same(f"distopt_{sharding}_tp2_to_tp2_model", H.full_state(w, fresh, dist, model_only=True), ref)
-            _megatron_train(role, 1, start=3)
-            _megatron_train(fresh, 1, start=3)
-            res.same(f"distopt_{sharding}_tp2_to_tp2_next_step", H.full_state(w, fresh, dist, model_only=True),
-                     H.full_state(w, role, dist, model_only=True))
-            return "saved, reloaded, one more step equal"
-
-        res.run(f"distopt_{sharding}_roundtrip", fn)
+    role = _distopt_roundtrips(work, dist, res, tp=2)
     w = MegatronWriter("fully_reshardable")
     _save_ref(work, "distopt_tp2_after", _state_or_model(w, role, dist), dist)
     res.run("distopt_final_save", lambda: w.save(st, _mkdir(work, "distopt_final", "policy"), role, dist))
@@ -505,6 +541,9 @@ def phase_gpu1(work: str, dist, res: Results) -> None:
         if dist.is_main and set(ref) != set(got):  # one side could not gather the optimizer
             ref, got = _model_only(ref), _model_only(got)
         res.same("distopt_fully_reshardable_tp2_to_tp1_state", got, ref)
+        steps = _adam_steps(fresh)
+        assert len({id(t) for t in steps}) == len(steps) and {float(t) for t in steps} == {4.0}, \
+            f"steps after TP2->TP1: {sorted({float(t) for t in steps})} in {len({id(t) for t in steps})} tensor(s)"
         _megatron_train(fresh, 1, start=4)  # the same step the TP2 run took after saving
         got, nxt = H.full_state(w, fresh, dist, model_only=True), _load_ref(work, "distopt_tp2_next")
         if dist.is_main:
@@ -526,7 +565,8 @@ def _model_only(state: dict) -> dict:
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and not k.startswith("optimizer")}
 
 
-PHASES = {"save2": phase_save2, "load1": phase_load1, "load2": phase_load2, "gpu2": phase_gpu2, "gpu1": phase_gpu1}
+PHASES = {"save2": phase_save2, "load1": phase_load1, "load2": phase_load2, "gpu2": phase_gpu2, "gpu1": phase_gpu1,
+          "solo": phase_solo}
 
 
 # --------------------------------------------------------------------------- process plumbing

@@ -245,3 +245,58 @@ def test_examples_say_they_need_gpus_on_cpu(name):
     out = subprocess.run([sys.executable, path], capture_output=True, text=True, timeout=60,
                          env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
     assert out.returncode == 2 and "needs CUDA GPUs" in out.stderr, (out.returncode, out.stderr[-1000:])
+
+
+class _DistOptStepBehaviour:
+    """The two steps of megatron-core 0.16.1's ``DistributedOptimizer.load_state_dict`` (over torch's
+    Adam, no TE/apex) that the writer works around; the real class needs CUDA (GPU check:
+    ``run_megatron.sh --only solo``). It sets the param groups' step into every parameter's state as
+    ONE shared tensor, then copies the parameter state through ``_set_main_param_and_optimizer_states``,
+    which copies every key of the destination -- here given a source without ``step``
+    (fully_reshardable) or with a stale one (dp_reshardable's ``LocalNonpersistentObject``)."""
+
+    def __init__(self, params, stale_step):
+        self.optimizer = torch.optim.Adam(params, lr=1e-2)
+        self.model_param_group_index_map = {p: (0, i) for i, p in enumerate(params)}
+        self.stale_step = stale_step
+
+    def _set_main_param_and_optimizer_states(self, model_param, tensors):
+        group, order = self.model_param_group_index_map[model_param]
+        main = self.optimizer.param_groups[group]["params"][order]
+        for key, dst in {"param": main, **self.optimizer.state[main]}.items():
+            dst.copy_(tensors[key])
+
+    def load_state_dict(self, state):
+        shared = torch.tensor(float(state["optimizer"]["param_groups"][0]["step"]))
+        for p in self.model_param_group_index_map:
+            self.optimizer.state[p]["step"] = shared
+        for p, src in zip(self.model_param_group_index_map, state["param_state"]):
+            src = dict(src)
+            if self.stale_step is not None:
+                src["step"] = torch.tensor(self.stale_step)
+            self._set_main_param_and_optimizer_states(p, src)
+
+
+@pytest.mark.parametrize("stale_step", [None, 0.0], ids=["fully_reshardable", "dp_reshardable"])
+def test_distributed_optimizer_step_workaround(stale_step):
+    params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))]
+    opt = _DistOptStepBehaviour(params, stale_step)
+    for p in params:  # state to load into, as megatron's init_state_fn leaves it
+        opt.optimizer.state[p].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+    saved = {"optimizer": {"param_groups": [{"step": 7.0}]},
+             "param_state": [{"param": torch.full_like(p, 2.0), "exp_avg": torch.full_like(p, 0.5),
+                              "exp_avg_sq": torch.full_like(p, 0.25)} for p in params]}
+    if stale_step is None:
+        with pytest.raises(KeyError, match="step"), torch.no_grad():  # megatron without the workaround
+            opt.load_state_dict(saved)
+    with torch.no_grad():
+        M._load_megatron_optimizer(opt, saved)
+    assert "_set_main_param_and_optimizer_states" not in vars(opt)  # the per-load override is gone
+    steps = [opt.optimizer.state[p]["step"] for p in params]
+    assert [float(s) for s in steps] == [7.0, 7.0]
+    assert len({id(s) for s in steps}) == 2  # each parameter its own tensor
+    assert all(torch.equal(p.detach(), torch.full_like(p, 2.0)) for p in params)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.optimizer.step()
+    assert [float(opt.optimizer.state[p]["step"]) for p in params] == [8.0, 8.0]

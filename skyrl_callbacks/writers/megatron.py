@@ -164,6 +164,55 @@ def _init_megatron_optimizer_state(opt: Any) -> None:
                 st["step"] = torch.tensor(0.0)
 
 
+def _load_megatron_optimizer(opt: Any, state: dict) -> None:
+    """``opt.load_state_dict(state)`` plus two fixes for megatron-core over torch's Adam (no
+    TransformerEngine/apex), where every parameter's Adam state holds a ``step`` tensor:
+
+    * ``load_state_dict`` first sets the step saved in the checkpoint's param groups into every
+      parameter's state, then copies the parameter state in with ``_set_main_param_and_optimizer_states``,
+      which copies every key of the destination -- ``step`` included. ``fully_reshardable`` hands it
+      no ``step`` (``KeyError: 'step'``); ``dp_reshardable`` hands it a per-parameter ``step`` that
+      comes back as the loading optimizer's own value, not the checkpoint's (seen on an H200: a
+      resumed run trained with step 0's bias correction). During the load each sub-optimizer's
+      ``_set_main_param_and_optimizer_states`` always gets the destination's own ``step``, the one
+      megatron read from the checkpoint's param groups.
+    * ``load_state_dict`` sets one and the same ``step`` tensor into every parameter's state, and
+      torch's Adam increments each parameter's step in place: after a resume the shared tensor
+      advanced once per parameter per step, so the bias correction (and every later update) drifted
+      from the uninterrupted run. Each parameter gets its own copy back after the load.
+    """
+    subs = list(getattr(opt, "chained_optimizers", None) or [opt])
+    patched = []
+    for sub in subs:
+        setter = getattr(sub, "_set_main_param_and_optimizer_states", None)
+        index = getattr(sub, "model_param_group_index_map", None)
+        inner = getattr(sub, "optimizer", None)
+        precision_aware = getattr(getattr(sub, "config", None), "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False)
+        if setter is None or index is None or inner is None or precision_aware:
+            continue
+
+        def with_step(model_param, tensors, _setter=setter, _index=index, _inner=inner):
+            group, order = _index[model_param]
+            own = _inner.state.get(_inner.param_groups[group]["params"][order], {})
+            if "step" in own:  # the step read from the param groups, never a per-parameter copy
+                tensors = {**tensors, "step": own["step"]}
+            return _setter(model_param, tensors)
+
+        sub._set_main_param_and_optimizer_states = with_step  # instance attribute, removed below
+        patched.append(sub)
+    try:
+        opt.load_state_dict(state)
+    finally:
+        for sub in patched:
+            del sub._set_main_param_and_optimizer_states
+    for sub in subs:
+        inner = getattr(sub, "optimizer", None)
+        for pstate in (getattr(inner, "state", None) or {}).values():
+            step = pstate.get("step") if isinstance(pstate, dict) else None
+            if isinstance(step, torch.Tensor):
+                pstate["step"] = step.clone()
+
+
 def _unwrap_megatron_wrappers(chunk: Any, cls: type) -> Any:
     for _ in range(8):
         inner = getattr(chunk, "module", None)
@@ -815,7 +864,7 @@ class MegatronWriter(RoleWriter):
                 try:
                     if _is_megatron_optimizer(opt):
                         with torch.no_grad():  # it copies into views of leaf parameters
-                            opt.load_state_dict(loaded[key])
+                            _load_megatron_optimizer(opt, loaded[key])
                     else:
                         _torch_optimizer_load(opt, loaded[key])
                 except (KeyError, ValueError, RuntimeError) as exc:

@@ -15,6 +15,10 @@
 #            saves), load1 (1 GPU: TP2->1, PP2->1, DP2->1 bitwise, TP1 save), load2 (2 GPUs: TP1->TP2)
 #   distopt  megatron DDP + DistributedOptimizer: fully_reshardable and dp_reshardable round trips at TP2,
 #            TP2->TP1 with the optimizer (fully_reshardable), dp_reshardable TP2->TP1 refused clearly
+#   solo     one GPU (when no 2-GPU machine is lent): DistributedOptimizer TP1/DP1 round trips in both
+#            shardings (own step per parameter, next step bitwise), examples/megatron_torchrun.py kill/resume
+#            vs straight in both shardings, examples/megatron_lightning.py kill/resume, all at 1 process
+#            (env SOLO_SHARDINGS="dp_reshardable" and SOLO_LIGHTNING=0 narrow it)
 #   examples examples/megatron_torchrun.py (TP2: kill at step 5, resume to 8, compare with a straight run;
 #            then resume at TP1 from the TP2 checkpoint) and examples/megatron_lightning.py (TP2, kill + resume)
 set -u
@@ -114,6 +118,12 @@ if has distopt; then
   launch distopt_gpu1 1 150 0 "$REPO/tests/megatron_worker.py" gpu1 "$WORK/core"; worker_results gpu1 1
 fi
 
+if has solo; then
+  echo "=== solo (1 GPU): DistributedOptimizer round trips at TP1/DP1; examples kill/resume at 1 process"
+  mkdir -p "$WORK/core"
+  launch solo_distopt 1 150 0 "$REPO/tests/megatron_worker.py" solo "$WORK/core"; worker_results solo 1
+fi
+
 compare() {  # name a.pt b.pt tol
   python3 - "$@" <<'PY'
 import json, os, sys, torch
@@ -150,6 +160,31 @@ if has examples; then
     && record megatron_example_torchrun_tp2_ckpt_resumes_at_tp1_dp2 true "resumed at TP1/DP2 from the TP2 step 8" \
     || record megatron_example_torchrun_tp2_ckpt_resumes_at_tp1_dp2 false "no 'TP 1, DP 2; resumed from ...global_step_8' line"
   L="$REPO/examples/megatron_lightning.py"
+fi
+
+if has solo; then
+  E="$WORK/examples_solo"; mkdir -p "$E"
+  X="$REPO/examples/megatron_torchrun.py"
+  for SH in ${SOLO_SHARDINGS:-fully_reshardable dp_reshardable}; do
+    launch solo_torchrun_${SH}_A_killed 1 150 nonzero "$X" --tp 1 --steps 8 --ckpt-interval 2 --sharding $SH --ckpt-path "$E/tr_$SH" --kill-at-step 5
+    launch solo_torchrun_${SH}_B_resume 1 150 0 "$X" --tp 1 --steps 8 --ckpt-interval 2 --sharding $SH --ckpt-path "$E/tr_$SH" --out "$E/tr_${SH}_B.pt"
+    grep -q "resumed from .*global_step_4" "$WORK/logs/solo_torchrun_${SH}_B_resume.log" \
+      && record megatron_solo_torchrun_${SH}_resumed_from_step_4 true "resumed from global_step_4" \
+      || record megatron_solo_torchrun_${SH}_resumed_from_step_4 false "no 'resumed from ...global_step_4' line"
+    launch solo_torchrun_${SH}_C_straight 1 150 0 "$X" --tp 1 --steps 8 --ckpt-interval 2 --sharding $SH --ckpt-path "$E/tr_${SH}_straight" --out "$E/tr_${SH}_C.pt"
+    compare megatron_solo_torchrun_${SH}_resume_equals_straight "$E/tr_${SH}_B.pt" "$E/tr_${SH}_C.pt" 0
+  done
+  L="$REPO/examples/megatron_lightning.py"
+  [ "${SOLO_LIGHTNING:-1}" = 1 ] && {
+  launch solo_lightning_A_killed 1 150 nonzero "$L" --steps 8 --ckpt-interval 2 --ckpt-path "$E/pl" --kill-at-step 5
+  launch solo_lightning_B_resume 1 150 0 "$L" --steps 8 --ckpt-interval 2 --ckpt-path "$E/pl" --out "$E/pl_B.pt"
+  launch solo_lightning_C_straight 1 150 0 "$L" --steps 8 --ckpt-interval 2 --ckpt-path "$E/pl_straight" --out "$E/pl_C.pt"
+  compare megatron_solo_lightning_resume_equals_straight "$E/pl_B.pt" "$E/pl_C.pt" 0
+  }
+fi
+
+if has examples; then
+  E="$WORK/examples"; L="$REPO/examples/megatron_lightning.py"
   launch ex_lightning_A_killed 2 150 nonzero "$L" --steps 8 --ckpt-interval 2 --ckpt-path "$E/pl" --kill-at-step 5
   launch ex_lightning_B_resume 2 150 0 "$L" --steps 8 --ckpt-interval 2 --ckpt-path "$E/pl" --out "$E/pl_B.pt"
   launch ex_lightning_C_straight 2 150 0 "$L" --steps 8 --ckpt-interval 2 --ckpt-path "$E/pl_straight" --out "$E/pl_C.pt"
