@@ -52,6 +52,31 @@ def install_cpu_shims() -> None:
     mrandom._set_cuda_rng_state = _set
 
 
+def install_cpu_load_exchange_shim() -> None:
+    """For loads at DP > 1 on a CPU-only torch (tests only): megatron-core's fully parallel load
+    exchanges the shards each DP rank read with its default ``"broadcast"`` algorithm, which moves
+    them to CUDA (``.cuda()``, ``device="cuda"``). This makes ``FullyParallelLoadStrategyWrapper``
+    use megatron-core's own ``"gather_object"`` algorithm instead (an ``all_gather_object`` of the
+    loaded shards over the DP group, no CUDA). Which rank reads which shard is unchanged. Does
+    nothing when CUDA is available. Not part of :func:`install_cpu_shims` (its tests never load at
+    DP > 1)."""
+    if torch.cuda.is_available():
+        return
+    from megatron.core.dist_checkpointing.strategies import fully_parallel
+
+    cls = fully_parallel.FullyParallelLoadStrategyWrapper
+    if getattr(cls, "_skyrl_cpu_exchange", False):
+        return
+    init = cls.__init__
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        self.exchange_algo = "gather_object"
+
+    cls.__init__ = __init__
+    cls._skyrl_cpu_exchange = True
+
+
 def device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
@@ -103,9 +128,11 @@ def transformer_config(**overrides: Any):
     return TransformerConfig(**kwargs)
 
 
-def build_gpt(seed: int, vp_stage: Optional[int] = None, tie: bool = False, **overrides: Any):
+def build_gpt(seed: int, vp_stage: Optional[int] = None, tie: bool = False, vocab_size: int = VOCAB, **overrides: Any):
     """A tiny Llama-shaped megatron-core GPTModel (RMSNorm, SwiGLU, RoPE, GQA, no bias), built on
-    the CPU (``use_cpu_initialization``) and moved to the GPU when there is one."""
+    the CPU (``use_cpu_initialization``) and moved to the GPU when there is one. ``overrides`` go to
+    the ``TransformerConfig`` (``hidden_size=...``, ``num_layers=...``, ``use_cpu_initialization=False``
+    to initialise on the GPU); ``vocab_size`` sets the vocabulary (divisible by the TP size)."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -118,7 +145,7 @@ def build_gpt(seed: int, vp_stage: Optional[int] = None, tie: bool = False, **ov
         overrides.setdefault("virtual_pipeline_model_parallel_size", vpp)
     cfg = transformer_config(**overrides)
     model = GPTModel(
-        cfg, get_gpt_layer_local_spec(normalization="RMSNorm"), vocab_size=VOCAB, max_sequence_length=64,
+        cfg, get_gpt_layer_local_spec(normalization="RMSNorm"), vocab_size=vocab_size, max_sequence_length=64,
         pre_process=ps.is_pipeline_first_stage(ignore_virtual=vpp is None, vp_stage=vp_stage),
         post_process=ps.is_pipeline_last_stage(ignore_virtual=vpp is None, vp_stage=vp_stage),
         position_embedding_type="rope", share_embeddings_and_output_weights=tie, parallel_output=False,

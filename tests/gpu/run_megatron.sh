@@ -7,7 +7,8 @@
 # megatron-core is not installed on the GPU machine: carry its wheel in .whl/ (see docs/megatron.md):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl megatron-core==0.16.1
-# and this script installs it into /tmp/site (no index, no deps: numpy/packaging/torch are there).
+# and this script installs it into /tmp/site (no index, no deps: numpy/packaging/torch are there; see
+# tests/gpu/megatron_env.sh, shared with run_megatron_scale.sh).
 #
 # Cases (all through torchrun, one process per GPU):
 #   core     tests/megatron_worker.py save2 (2 GPUs: TP2 save via CheckpointManager, same-layout load, per-rank
@@ -33,21 +34,11 @@ while [ $# -gt 0 ]; do
     *) echo "unknown argument $1"; exit 2;;
   esac
 done
-# never use NVLink multicast (see the device notes); keep these also for child processes
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-if ! python3 -c "import megatron.core" >/dev/null 2>&1; then
-  if ls "$REPO"/.whl/megatron_core-*.whl >/dev/null 2>&1; then
-    (cd "$REPO" && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-       --target /tmp/site .whl/*.whl) || { echo "[gpu] FAIL megatron_install: pip install of .whl failed"; exit 1; }
-    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-  else
-    echo "[gpu] FAIL megatron_install: megatron-core is not installed and no .whl/megatron_core-*.whl was carried"
-    exit 1
-  fi
-fi
-export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4 PYTHONWARNINGS=ignore
-export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 CUDA_DEVICE_MAX_CONNECTIONS=1
-export CUBLAS_WORKSPACE_CONFIG=:4096:8  # deterministic cuBLAS: resumed and straight runs compare bitwise
+# NCCL settings (NVLink multicast off) and the megatron-core wheel: shared with run_megatron_scale.sh
+. "$HERE/megatron_env.sh"
+megatron_gpu_env
+megatron_install_wheel gpu || exit 1
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 rm -rf "$WORK"; mkdir -p "$WORK/logs"
 export GPU_RESULTS="$WORK/results.jsonl"; : > "$GPU_RESULTS"
 T_ALL=$(date +%s)
