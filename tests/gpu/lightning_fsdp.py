@@ -9,9 +9,16 @@ Strategies:
                  unit); only the collective timeout is shortened
   fsdp-wrap      ``FSDPStrategy(auto_wrap_policy={LlamaDecoderLayer})`` (FSDP1, one unit per layer)
   fsdp-wrap-policy  ``FSDPStrategy(auto_wrap_policy={LlamaDecoderLayer, LlamaForCausalLM})``: the
-                 policy module itself is an FSDP unit (exploratory work-around)
+                 policy module itself is an FSDP unit (nested inside the root)
   modelparallel  ``ModelParallelStrategy`` with ``fully_shard`` per decoder layer + the policy in
                  ``configure_model`` (FSDP2)
+
+Under the three FSDPStrategy variants SkyRLCheckpoint saves the policy as a view on the FSDP1 root
+that wraps the whole LightningModule (``Role(model=root, include_prefix="policy.")``) and resumes
+through that root; all of them must resume bitwise like ``modelparallel``.
+
+With ``--device cpu`` (a smoke test of the script with gloo) the FSDPStrategy variants use a
+subclass that wraps with ``device_id=cpu``: Lightning refuses ``FSDPStrategy`` itself on CPU.
 
 The module's ``policy`` is the tiny Llama; AdamW + a per-step LambdaLR; shuffled resumable loader.
 ``--kill-at-step K`` SIGKILLs every rank after step K's rules ran, like a
@@ -84,8 +91,18 @@ class KillAt(pl.Callback):
             os.kill(os.getpid(), signal.SIGKILL)  # every rank; torchrun then reports the failure and exits
 
 
-def _strategy(name: str, backend: str):
+def _strategy(name: str, backend: str, device: str = "cuda"):
     from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    if device == "cpu":
+        class FSDPStrategy(FSDPStrategy):  # noqa: F811 - CPU smoke test only, see the module docstring
+            def _setup_model(self, model):
+                from torch.distributed.fsdp import FullyShardedDataParallel
+
+                return FullyShardedDataParallel(module=model, cpu_offload=self.cpu_offload,
+                                                mixed_precision=self.mixed_precision_config,
+                                                sharding_strategy=self.sharding_strategy,
+                                                device_id=torch.device("cpu"), **self.kwargs)
 
     # a short collective timeout, so that a rank failing alone ends the run instead of hanging it
     timeout = timedelta(seconds=120)
@@ -145,7 +162,7 @@ def main() -> None:
         callbacks.append(KillAt(args.kill_at_step))
     trainer = pl.Trainer(
         max_steps=args.steps, accelerator="gpu" if args.device == "cuda" else "cpu", devices=2,
-        strategy=_strategy(args.strategy, args.backend), callbacks=callbacks, logger=False,
+        strategy=_strategy(args.strategy, args.backend, args.device), callbacks=callbacks, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
     )
     trainer.fit(module, loader)

@@ -2,11 +2,17 @@
 # Runs every GPU check of tests/gpu/ and prints PASS/FAIL lines plus a summary.
 #
 #   bash tests/gpu/run_all.sh [--backend nccl|gloo] [--device cuda|cpu] [--work DIR] [--out DIR]
-#                             [--only fsdp2,export,lightning,lightning_policywrap,accelerate]
+#                             [--only fsdp2,export,lightning,lightning_fsdpstrategy,lightning_policywrap,accelerate]
+#
+# Sections: lightning = FSDPStrategy() defaults, FSDPStrategy(auto_wrap_policy={LlamaDecoderLayer}) and
+# ModelParallelStrategy; lightning_fsdpstrategy = the three Lightning FSDPStrategy (FSDP1) cases alone
+# (defaults, decoder-layer auto-wrap, decoder layers + LlamaForCausalLM); lightning_policywrap = the
+# last of these alone.
 #
 # Defaults: NCCL on 2 GPUs, work dir /tmp/skyrl_gpu_work. On a CPU-only machine use
-# `--backend gloo --device cpu` (Lightning's FSDPStrategy needs GPUs and accelerate's FSDP plugin
-# is ignored on CPU, so those cases only exercise the scripts there). With --out, the results
+# `--backend gloo --device cpu` (Lightning refuses FSDPStrategy on CPU, so lightning_fsdp.py wraps
+# with a device_id=cpu subclass there; accelerate's FSDP plugin is ignored on CPU, so that case
+# only exercises the script there). With --out, the results
 # (results.jsonl, env.txt, logs.tar.gz) are copied there.
 set -u
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -105,15 +111,19 @@ resume_case() {  # name script args...
 }
 
 # ------------------------------------------------------------------ case 2: Lightning
-if has lightning; then
-  echo "=== case 2: Lightning + SkyRLCheckpoint: strategy='fsdp', FSDPStrategy(auto_wrap_policy), ModelParallelStrategy"
+# Lightning's FSDPStrategy (FSDP1 root around the whole LightningModule): the policy is saved as a view
+# on the root and must resume bitwise (kill at 5, resume from 4, compare with an uninterrupted run)
+if has lightning || has lightning_fsdpstrategy; then
+  echo "=== case 2: Lightning + SkyRLCheckpoint: strategy='fsdp' (FSDPStrategy defaults), FSDPStrategy(auto_wrap_policy={LlamaDecoderLayer})"
   resume_case lightning_fsdp "$HERE/lightning_fsdp.py" --strategy fsdp
   resume_case lightning_fsdp_wrap "$HERE/lightning_fsdp.py" --strategy fsdp-wrap
+fi
+if has lightning; then
+  echo "=== case 2: Lightning + SkyRLCheckpoint: ModelParallelStrategy (FSDP2)"
   resume_case lightning_modelparallel "$HERE/lightning_fsdp.py" --strategy modelparallel
 fi
-
-if has lightning_policywrap; then
-  echo "=== case 2b: Lightning FSDPStrategy(auto_wrap_policy={LlamaDecoderLayer, LlamaForCausalLM}) (work-around probe)"
+if has lightning_policywrap || has lightning_fsdpstrategy; then
+  echo "=== case 2b: Lightning FSDPStrategy(auto_wrap_policy={LlamaDecoderLayer, LlamaForCausalLM}) (policy unit nested in the root)"
   resume_case lightning_fsdp_wrap_policy "$HERE/lightning_fsdp.py" --strategy fsdp-wrap-policy
 fi
 
