@@ -565,7 +565,7 @@ class CheckpointManager:
         """``huggingface/`` (config, generation config, tokenizer) of an HF model (rank 0)."""
         from skyrl_callbacks.writers.hf import hf_model_of, write_hf_metadata
 
-        hf = hf_model_of(role.model)
+        hf = hf_model_of(role.module)
         if hf is None and role.tokenizer is None:
             return []
         import os

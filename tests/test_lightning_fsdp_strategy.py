@@ -14,6 +14,7 @@ Two levels:
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -180,6 +181,8 @@ def test_lightning_fsdp_strategy_resumes_bitwise(tmp_path):
     policy_dir = tmp_path / "a" / "global_step_4" / "policy"
     keys = sorted(FileSystemReader(str(policy_dir / "model_state.dcp")).read_metadata().state_dict_metadata)
     assert keys == sorted(tiny_llama(0).state_dict())  # no "policy." prefix: same as a plain policy's
+    # the policy's HF config is found through the view (the root itself is no PreTrainedModel)
+    assert json.loads((policy_dir / "huggingface" / "config.json").read_text())["model_type"] == "llama"
     torch.distributed.destroy_process_group()
 
     trainer_b, module_b, cb_b = _fit(tmp_path / "a", 6, **kwargs)  # resumes (through the root, before a forward)

@@ -200,7 +200,7 @@ def export_role(
     Returns:
         Files written by this rank, relative to ``out_dir``.
     """
-    hf = hf_model_of(role.model)
+    hf = hf_model_of(role.module)
     limit = parse_size(max_shard_size)
     local = out_dir if storage.is_local else tempfile.mkdtemp(prefix="skyrl-hf-")
     try:
