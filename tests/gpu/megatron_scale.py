@@ -11,12 +11,14 @@ aggregate write GB/s, training-loop stall, total time).
 
 ``tests/gpu/run_megatron_scale.sh`` runs the whole sequence in one command and prints the table.
 
-``save`` (tag ``save``): builds the GPT (``--model`` preset), trains 2 steps with a plain torch AdamW
-on seeded gradients (identical on the replicas of a shard, so DP replicas stay equal; a forward at
-PP > 1 would need megatron's pipeline schedules, which measure nothing here), hashes every gathered
-full tensor (model, ``optimizer.state.*``) into ``WORK/ref_sync.json``, saves step 2 blocking; one
-more step, hashes into ``ref_async.json``, saves step 3 async and goes on training (each step padded
-to ``--step-time`` seconds, polling the manager) until the save commits.
+``save`` (tag ``save``): builds the GPT (``--model`` preset) and trains it with a plain torch AdamW on
+seeded gradients (identical on the replicas of a shard, so DP replicas stay equal; a forward at
+PP > 1 would need megatron's pipeline schedules, which measure nothing here). Step 1 is saved
+blocking (the process's first save: megatron-core starts its helper processes then, so it is
+reported apart); after one more step every gathered full tensor (model, ``optimizer.state.*``) is
+hashed into ``WORK/ref_sync.json`` and step 2 saved blocking; after one more step the hashes go to
+``ref_async.json`` and step 3 is saved async while training goes on (each step padded to
+``--step-time`` seconds, the manager polled after each) until the save commits.
 ``--distopt`` (GPU only) uses megatron DDP + ``DistributedOptimizer`` (``fully_reshardable``)
 instead of torch AdamW; when its sharded optimizer state does not gather to full tensors only the
 model is compared.

@@ -3,6 +3,8 @@
 #
 #   bash tests/gpu/run_megatron_scale.sh --nproc 8 --out DIR [--model 1b|7b|small|tiny] [--distopt] [--work DIR]
 #   bash tests/gpu/run_megatron_scale.sh --cpu [--out DIR]          # small version on gloo (CPU shims)
+#   --phase save | --phase load: only the save, or only the loads of an earlier save in the same --work (to split the
+#   run over two device commands of at most 10 minutes each); SCALE_TIMEOUT=590 bounds each torchrun (s)
 #
 # 8 GPUs (NCCL, torchrun, one process per GPU; megatron-core from the carried .whl, see megatron_env.sh):
 #   save  TP2 x PP2 x DP2 (8 ranks): CheckpointManager saves step 1 (the process's first save), step 2 (sync),
@@ -19,7 +21,7 @@
 set -u
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$HERE/../.." && pwd)"
-WORK=/tmp/skyrl_megatron_scale; OUTDIR=""; NPROC=8; CPU=0; MODEL=""; DISTOPT=""; STEP_TIME=""
+WORK=/tmp/skyrl_megatron_scale; OUTDIR=""; NPROC=8; CPU=0; MODEL=""; DISTOPT=""; STEP_TIME=""; PHASE=all
 while [ $# -gt 0 ]; do
   case "$1" in
     --nproc) NPROC="$2"; shift 2;;
@@ -29,7 +31,8 @@ while [ $# -gt 0 ]; do
     --model) MODEL="$2"; shift 2;;
     --distopt) DISTOPT="--distopt"; shift;;
     --step-time) STEP_TIME="$2"; shift 2;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0;;
+    --phase) PHASE="$2"; shift 2;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0;;
     *) echo "unknown argument $1"; exit 2;;
   esac
 done
@@ -46,8 +49,20 @@ else
   SAVE_LAYOUT="${SAVE_LAYOUT:-2,2,$NPROC}"; LOAD_LAYOUTS="${LOAD_LAYOUTS:-1,1,2 4,1,$NPROC}"
 fi
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
-rm -rf "$WORK"; mkdir -p "$WORK/logs"
-export SCALE_RESULTS="$WORK/results.jsonl"; : > "$SCALE_RESULTS"
+case "$PHASE" in all|save|load) ;; *) echo "--phase must be all, save or load"; exit 2;; esac
+TMO="${SCALE_TIMEOUT:-590}"
+if [ "$PHASE" = load ]; then  # keep the save's checkpoints, references, figures and results
+  mkdir -p "$WORK/logs"; touch "$WORK/results.jsonl"
+  python3 - "$WORK/results.jsonl" <<'PY'
+import json, sys
+rows = [l for l in open(sys.argv[1]) if l.strip() and not json.loads(l)["name"].startswith("load_")]
+open(sys.argv[1], "w").writelines(rows)
+PY
+  rm -f "$WORK"/figures_load_*.json "$WORK"/results_load_*.json
+else
+  rm -rf "$WORK"; mkdir -p "$WORK/logs"; : > "$WORK/results.jsonl"
+fi
+export SCALE_RESULTS="$WORK/results.jsonl"
 T_ALL=$(date +%s)
 {
   echo "date: $(date -u +%FT%TZ)  mode: $([ "$CPU" = 1 ] && echo cpu/gloo || echo gpu/nccl)  model: $MODEL $DISTOPT"
@@ -96,11 +111,13 @@ PY
 }
 
 IFS=, read -r STP SPP SN <<< "$SAVE_LAYOUT"
-launch save save "$STP" "$SPP" "$SN" 590
-if [ -s "$WORK/ref_sync.json" ]; then
+[ "$PHASE" = load ] || launch save save "$STP" "$SPP" "$SN" "$TMO"
+if [ "$PHASE" = save ]; then
+  :
+elif [ -s "$WORK/ref_sync.json" ]; then
   for L in $LOAD_LAYOUTS; do
     IFS=, read -r LTP LPP LN <<< "$L"
-    launch "load_tp${LTP}pp${LPP}dp$(( LN / (LTP * LPP) ))" load "$LTP" "$LPP" "$LN" 590
+    launch "load_tp${LTP}pp${LPP}dp$(( LN / (LTP * LPP) ))" load "$LTP" "$LPP" "$LN" "$TMO"
   done
 else
   echo "[scale] FAIL loads: no reference from the save phase"; echo '{"name": "loads", "ok": false, "detail": "no reference"}' >> "$SCALE_RESULTS"
@@ -118,36 +135,38 @@ for r in rows:
         where = [l.strip() for l in lines[1:] if l.strip().startswith("File ")][-1:]
         print(f"  FAIL {r['name']}: {' | '.join(lines[:1] + where)[:600]}")
 f = lambda x, d=2: f"{x:.{d}f}"  # noqa: E731
+g3 = lambda x: f"{x:.3g}"  # noqa: E731 - GB/s, 3 significant digits
+mb = lambda n: f"{n / 1e6:.1f}"  # noqa: E731
 save = os.path.join(work, "figures_save.json")
 if os.path.exists(save):
     s = json.load(open(save))
     ranks = s["ranks"]
     print(f"\n### Save at TP{s['tp']} x PP{s['pp']} x DP{s['dp']} ({s['world']} ranks), model `{s['model']}` "
           f"({s['total_params'] / 1e6:.1f} M parameters{', DistributedOptimizer' if s['distopt'] else ', torch AdamW'})\n")
-    print("| save | step | checkpoint GB | total s | aggregate GB/s | stall s (max rank) | per-rank write GB/s min / median / max | per-rank GB min / max |")
+    print("| save | step | checkpoint MB | total s | aggregate GB/s | stall s (max rank) | per-rank write GB/s min / median / max | per-rank MB min / max |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for kind, label in (("sync_first", "sync, first of the process"), ("sync", "sync"), ("async", "async")):
         rs = [r[kind] for r in ranks if kind in r]
         if not rs:
             continue
         g = [r["gbps"] for r in rs]
-        b = [r["bytes"] / 1e9 for r in rs]
+        b = [r["bytes"] for r in rs]
         step = rs[0].get("step", 3)
-        print(f"| {label} | {step} | {f(rs[0]['total_bytes'] / 1e9, 3)} | {f(max(r['total_s'] for r in rs))} | "
-              f"{f(rs[0]['total_bytes'] / 1e9 / max(r['total_s'] for r in rs), 3)} | {f(max(r['stall_s'] for r in rs))} | "
-              f"{f(min(g), 3)} / {f(statistics.median(g), 3)} / {f(max(g), 3)} | {f(min(b), 3)} / {f(max(b), 3)} |")
+        print(f"| {label} | {step} | {mb(rs[0]['total_bytes'])} | {f(max(r['total_s'] for r in rs))} | "
+              f"{g3(rs[0]['total_bytes'] / 1e9 / max(r['total_s'] for r in rs))} | {f(max(r['stall_s'] for r in rs))} | "
+              f"{g3(min(g))} / {g3(statistics.median(g))} / {g3(max(g))} | {mb(min(b))} / {mb(max(b))} |")
     a = [r["async"] for r in ranks if "async" in r]
     if a:
         print(f"\nasync: snapshot (foreground) max {f(max(x['foreground_s'] for x in a))} s, commit polls max "
               f"{f(max(x['poll_s'] + x['wait_s'] for x in a))} s, {a[0]['overlap_steps']} training steps overlapped "
               f"the background write; the manager's own stall figure {f(max(x['manager_stall_s'] for x in a))} s")
-    print("\n| rank | TP | PP | DP | sync GB | sync write s | sync GB/s | async GB | async write s | async GB/s | async stall s |")
+    print("\n| rank | TP | PP | DP | sync MB | sync write s | sync GB/s | async MB | async write s | async GB/s | async stall s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in ranks:
         sy, asy = r.get("sync", {}), r.get("async", {})
-        print(f"| {r['rank']} | {r['tp_rank']} | {r['pp_rank']} | {r['dp_rank']} | {f(sy.get('bytes', 0) / 1e9, 3)} | "
-              f"{f(sy.get('write_s', 0))} | {f(sy.get('gbps', 0), 3)} | {f(asy.get('bytes', 0) / 1e9, 3)} | "
-              f"{f(asy.get('write_s', 0))} | {f(asy.get('gbps', 0), 3)} | {f(asy.get('stall_s', 0))} |")
+        print(f"| {r['rank']} | {r['tp_rank']} | {r['pp_rank']} | {r['dp_rank']} | {mb(sy.get('bytes', 0))} | "
+              f"{f(sy.get('write_s', 0))} | {g3(sy.get('gbps', 0))} | {mb(asy.get('bytes', 0))} | "
+              f"{f(asy.get('write_s', 0))} | {g3(asy.get('gbps', 0))} | {f(asy.get('stall_s', 0))} |")
     sizes = {"sync": ranks[0].get("sync", {}).get("total_bytes", 0), "async": ranks[0].get("async", {}).get("total_bytes", 0)}
     loads = sorted(glob.glob(os.path.join(work, "figures_load_*.json")))
     if loads:
@@ -163,7 +182,7 @@ if os.path.exists(save):
                 name = f"{l['tag']}_{kind}_step{step}_bitwise"
                 verdict = "PASS" if ok.get(name) else "FAIL"
                 print(f"| TP{l['tp']} x PP{l['pp']} x DP{l['dp']} | {l['world']} | step {step} ({kind}) | {f(max(ts))} | "
-                      f"{f(sizes[kind] / 1e9 / max(ts), 3)} | {verdict} |")
+                      f"{g3(sizes[kind] / 1e9 / max(ts))} | {verdict} |")
 print(f"\ntotal time of the run: {total_s} s")
 PY
 
