@@ -235,9 +235,22 @@ class SkyRLCheckpoint(_CallbackBase):
         return {"framework": "lightning", "lightning": lightning_state, "skyrl_step": int(self.step)}, data_state
 
     # ------------------------------------------------------------------ hooks
+    def _new_manager(self) -> CheckpointManager:
+        manager = CheckpointManager(self.config, DistContext())
+        # Lightning runs the forward/backward closure inside optimizer.step(), after torch's step
+        # pre-hooks: deferred snapshot copies are awaited in on_before_optimizer_step instead, so
+        # they overlap the next step's forward and backward
+        manager.step_hooks = False
+        return manager
+
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage == "fit" and self.manager is None:
-            self.manager = CheckpointManager(self.config, DistContext())
+            self.manager = self._new_manager()
+
+    def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: Any) -> None:
+        # async_overlap_copy: the in-flight snapshot's copies must be made before the weights change
+        if self.manager is not None:
+            self.manager.wait_snapshot()
 
     def _install_preemption_handlers(self) -> None:
         """Flag preemption on the configured signals (called after Lightning set its handlers).
@@ -290,7 +303,7 @@ class SkyRLCheckpoint(_CallbackBase):
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self.manager is None:
-            self.manager = CheckpointManager(self.config, DistContext())
+            self.manager = self._new_manager()
         self.manager.dist = DistContext()  # the process group exists now
         roles = self._roles(trainer, pl_module)
         if any(r.is_view for r in roles):

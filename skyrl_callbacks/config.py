@@ -110,6 +110,14 @@ class CheckpointConfig:
     committed (pointer, retention) once every rank has finished. At most one save is in flight;
     the next save, a resume and the end of training wait for it. See ``docs/async.md``."""
 
+    async_overlap_copy: bool = False
+    """With ``async_save``: copy parameters and optimizer state into the host buffers in the
+    background too, while the next step's forward and backward run; the next ``optimizer.step()``
+    waits until the copy is done (a step pre-hook; Lightning: ``on_before_optimizer_step``).
+    Buffers and everything else are still copied before ``save`` returns. Only safe when nothing
+    but ``optimizer.step()`` changes parameters or optimizer state before the next step (no
+    in-place weight edits in callbacks); hence off by default. See ``docs/async.md``."""
+
     save_on_train_end: bool = True
     """Save a final checkpoint (and export) at the end of ``fit`` if the last step was not saved."""
 
@@ -327,9 +335,14 @@ class CheckpointConfig:
                 f"megatron_optimizer_sharding={self.megatron_optimizer_sharding!r}: must be 'fully_reshardable' "
                 f"(reshards to any parallelism) or 'dp_reshardable' (same TP/PP only, faster)."
             )
-        for key in ("verify_on_resume", "async_save", "save_on_train_end", "run_lock"):
+        for key in ("verify_on_resume", "async_save", "async_overlap_copy", "save_on_train_end", "run_lock"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"{key}={getattr(self, key)!r}: must be true or false.")
+        if self.async_overlap_copy and not self.async_save:
+            raise ConfigError(
+                "async_overlap_copy=true: it only applies to background saves; set async_save=true as well "
+                "(or drop async_overlap_copy)."
+            )
         if self.cloud_upload not in ("staged", "stream"):
             raise ConfigError(f"cloud_upload={self.cloud_upload!r}: must be 'staged' or 'stream'.")
         if self.cloud_staging_dir is not None:

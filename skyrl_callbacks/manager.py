@@ -20,6 +20,7 @@ the previous checkpoints are untouched.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional, Sequence
@@ -117,6 +118,9 @@ class _SaveJob:
     seconds_blocked: float = 0.0
     t_written: float = 0.0
     t_done: float = 0.0
+    #: set once every deferred copy of the snapshot is made (async_overlap_copy)
+    copied: Any = None
+    stagers: list = field(default_factory=list)
 
     def cleanup(self, storage: Storage) -> None:
         if self.local_stage is not None:
@@ -151,6 +155,11 @@ class CheckpointManager:
         self._stagers: dict[str, Any] = {}
         self._pool: Any = None
         self._bg_dist: Optional[DistContext] = None
+        #: register ``optimizer.step`` pre-hooks that wait for deferred copies (async_overlap_copy);
+        #: the Lightning callback turns this off and waits in ``on_before_optimizer_step`` instead
+        #: (Lightning runs the forward/backward closure inside ``optimizer.step``, after the hooks)
+        self.step_hooks = True
+        self._hooks: dict[int, Any] = {}
 
     def acquire_lock(self) -> None:
         """Own ``ckpt_path`` (rank 0) before writing; collective.
@@ -177,6 +186,9 @@ class CheckpointManager:
                 self._lock.release()
             self._lock_taken = False
             self._stagers.clear()
+            for handle in self._hooks.values():
+                handle.remove()
+            self._hooks.clear()
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
                 self._pool = None
@@ -404,10 +416,29 @@ class CheckpointManager:
                 job.wstore.makedirs(job.wstore.join(job.wstaging, role.name))
 
         dist.run("prepare role directories", prepare_dirs)
-        job.snaps = dist.run(
-            "snapshot",
-            lambda: [self.writer_for(r).snapshot(r, dist, self._stager(r.name)) for r in job.roles],
-        )
+        overlap = self.config.async_overlap_copy
+        stagers = [self._stager(r.name) for r in job.roles]
+
+        def snapshot() -> list:
+            from skyrl_callbacks.staging import deferrable_storages
+
+            snaps = []
+            for role, stager in zip(job.roles, stagers):
+                stager.defer = deferrable_storages(role.optimizers) if overlap else None
+                try:
+                    snaps.append(self.writer_for(role).snapshot(role, dist, stager))
+                finally:
+                    stager.defer = None
+            return snaps
+
+        job.snaps = dist.run("snapshot", snapshot)
+        job.copied = threading.Event()
+        job.stagers = [s for s in stagers if s.pending]
+        if job.stagers:
+            if self.step_hooks:
+                self._hook_optimizers(job.roles)
+        else:
+            job.copied.set()
         gathered = dist.gather_to_main({"rng": capture_rng(), "data": data_state})
         job.gathered = copy.deepcopy(gathered) if dist.is_main else None
         job.trainer_state = copy.deepcopy(trainer_state) if dist.is_main else None
@@ -425,6 +456,11 @@ class CheckpointManager:
         Collectives only through ``job.bg`` (a gloo group of its own), never the training group.
         """
         wstore, wstaging = job.wstore, job.wstaging
+        try:  # deferred copies first: the next optimizer step waits for them
+            for stager in job.stagers:
+                stager.finish()
+        finally:
+            job.copied.set()
         files: list[str] = []
         for role, snap in zip(job.roles, job.snaps):
             role_dir = wstore.join(wstaging, role.name)
@@ -501,6 +537,30 @@ class CheckpointManager:
     def wait(self) -> Optional[SaveResult]:
         """Block until the in-flight async save (if any) is written, then commit it. Collective."""
         return self._finalize(blocking=True) if self._pending is not None else None
+
+    def wait_snapshot(self) -> float:
+        """Block until the in-flight save's snapshot is complete (``async_overlap_copy``), so the
+        parameters and optimizer state may change. Not collective. Returns the seconds waited,
+        which count as blocked time of that save."""
+        job = self._pending
+        if job is None or job.copied is None or job.copied.is_set():
+            return 0.0
+        t0 = time.perf_counter()
+        job.copied.wait()
+        waited = time.perf_counter() - t0
+        job.seconds_blocked += waited
+        return waited
+
+    def _step_pre_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self.wait_snapshot()  # a step pre-hook must return None
+
+    def _hook_optimizers(self, roles: Sequence["Role"]) -> None:
+        import torch
+
+        for role in roles:
+            for opt in role.optimizers:
+                if isinstance(opt, torch.optim.Optimizer) and id(opt) not in self._hooks:
+                    self._hooks[id(opt)] = opt.register_step_pre_hook(self._step_pre_hook)
 
     @property
     def save_in_flight(self) -> bool:

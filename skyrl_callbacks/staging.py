@@ -9,6 +9,13 @@ runs at full PCIe/NVLink-C2C speed.
 A staged tree never aliases a live tensor: changing the weights right after ``stage``
 returns does not change the copy. Tensors that share storage in the source (tied weights)
 share one buffer in the copy, so a ``torch.save`` of the copy keeps the tie.
+
+Deferred copies (``async_overlap_copy``): tensors whose storage is in :attr:`Stager.defer`
+(parameters and optimizer state, which change only in ``optimizer.step()``) get their buffer in
+``stage`` but are copied later by :meth:`Stager.finish`, in the background, while the next
+step's forward and backward run; the caller must wait for ``finish`` before the next optimizer
+step (the manager's step hooks do). Everything else (buffers, which a forward may update) is
+copied in ``stage``.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["Stager"]
+__all__ = ["Stager", "deferrable_storages", "storage_key"]
 
 
 def _is_dtensor(value: Any) -> bool:
@@ -38,6 +45,34 @@ def _is_sharded_tensor(value: Any) -> bool:
     return isinstance(value, ShardedTensor)
 
 
+def storage_key(t: torch.Tensor) -> tuple:
+    """Identity of the memory a tensor (or a DTensor's local shard) lives in."""
+    local = getattr(t, "_local_tensor", None)
+    if local is not None:
+        t = local
+    return (t.device.type, t.device.index, t.untyped_storage().data_ptr())
+
+
+def deferrable_storages(optimizers: list) -> Optional[set]:
+    """Storages that change only inside ``optimizer.step()``: the parameters the optimizers
+    update and their state, when every optimizer is a ``torch.optim.Optimizer`` (whose step
+    hooks can wait for deferred copies). None when nothing can be deferred safely. Parameters
+    no optimizer updates (frozen ones) are copied at once."""
+    if not optimizers or not all(isinstance(o, torch.optim.Optimizer) for o in optimizers):
+        return None
+    keys = set()
+    for opt in optimizers:
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if p.numel() > 0:
+                    keys.add(storage_key(p))
+        for st in opt.state.values():
+            for v in st.values():
+                if isinstance(v, torch.Tensor) and v.numel() > 0:
+                    keys.add(storage_key(v))
+    return keys
+
+
 class Stager:
     """Copy nested state (dicts, lists, tensors, DTensors, ShardedTensors) into reused buffers.
 
@@ -51,8 +86,14 @@ class Stager:
         self._wrappers: dict[tuple, Any] = {}
         self._memo: dict[tuple, torch.Tensor] = {}
         self._async_cuda = False
-        #: bytes of tensor data copied by the last :meth:`stage`
+        #: storage addresses whose copies ``stage`` may leave to :meth:`finish` (None: copy all now)
+        self.defer: Optional[set] = None
+        self._deferred: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._ready: Any = None
+        #: bytes of tensor data copied (or queued) by the last :meth:`stage`
         self.last_bytes = 0
+        #: bytes of the last :meth:`stage` left to :meth:`finish`
+        self.deferred_bytes = 0
 
     @property
     def buffer_bytes(self) -> int:
@@ -73,13 +114,48 @@ class Stager:
         self._memo = {}
         self._async_cuda = False
         self.last_bytes = 0
+        self.deferred_bytes = 0
+        self._deferred = []
+        self._ready = None
         try:
             out = self._stage(tree, ())
             if self._async_cuda:
                 torch.cuda.synchronize()
+            if any(src.is_cuda for src, _ in self._deferred):
+                # the deferred device-to-host copies must see every kernel queued so far (the
+                # optimizer step that produced this state)
+                self._ready = torch.cuda.Event()
+                self._ready.record()
             return out
         finally:
             self._memo = {}
+
+    @property
+    def pending(self) -> bool:
+        """Copies of the last :meth:`stage` are still to be made by :meth:`finish`."""
+        return bool(self._deferred)
+
+    @torch.no_grad()
+    def finish(self) -> int:
+        """Make the copies :meth:`stage` deferred (any thread); returns their bytes. When this
+        returns the staged tree is complete."""
+        deferred, self._deferred = self._deferred, []
+        if not deferred:
+            return 0
+        cuda = [(src, buf) for src, buf in deferred if src.is_cuda]
+        for src, buf in deferred:
+            if not src.is_cuda:
+                buf.copy_(src)
+        if cuda:
+            stream = torch.cuda.Stream(device=cuda[0][0].device)
+            with torch.cuda.stream(stream):
+                if self._ready is not None:
+                    stream.wait_event(self._ready)
+                for src, buf in cuda:
+                    buf.copy_(src, non_blocking=buf.is_pinned())
+            stream.synchronize()
+        self._ready = None
+        return sum(b.numel() * b.element_size() for _, b in deferred)
 
     # ------------------------------------------------------------------ internals
     def _stage(self, obj: Any, path: tuple) -> Any:
@@ -111,10 +187,15 @@ class Stager:
             pin = self.pin_memory and t.is_cuda
             buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin)
             self._buffers[path] = buf
-        non_blocking = t.is_cuda and buf.is_pinned()
-        buf.copy_(t, non_blocking=non_blocking)
-        self._async_cuda = self._async_cuda or non_blocking
-        self.last_bytes += buf.numel() * buf.element_size()
+        nbytes = buf.numel() * buf.element_size()
+        if self.defer and t.numel() > 0 and storage_key(t) in self.defer:
+            self._deferred.append((t, buf))
+            self.deferred_bytes += nbytes
+        else:
+            non_blocking = t.is_cuda and buf.is_pinned()
+            buf.copy_(t, non_blocking=non_blocking)
+            self._async_cuda = self._async_cuda or non_blocking
+        self.last_bytes += nbytes
         if key is not None:
             self._memo[key] = buf
         return buf

@@ -220,3 +220,87 @@ def test_two_processes(tmp_path, scenario):
         bad = {k: v for k, v in res.items() if v is not True}
         assert not bad, f"rank {rank}: {bad}"
     assert len(results[0]) >= 3
+
+
+# --------------------------------------------------------------------------- async_overlap_copy
+def _hold_background(mgr, seconds: float):
+    """Occupy the manager's (one-thread) background executor for ``seconds``, so the next save's
+    deferred copies cannot have started when the test changes the live state."""
+    import time
+
+    return mgr._executor().submit(time.sleep, seconds)
+
+
+def test_overlap_copy_defers_params_until_the_optimizer_step(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.Linear(16, 4))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    role = Role(name="policy", model=model, optimizers=[opt], schedulers=[])
+
+    def fwd_bwd():
+        model(torch.randn(6, 8)).pow(2).mean().backward()  # also updates BatchNorm's running stats
+
+    fwd_bwd()
+    opt.step()
+    opt.zero_grad()
+    expected = {"model": {k: v.clone() for k, v in model.state_dict().items()}, "optim": _clone(opt.state_dict())}
+    mgr = CheckpointManager(cfg(tmp_path, async_overlap_copy=True))
+    held = _hold_background(mgr, 0.6)
+    result = mgr.save(1, [role])
+    stager = mgr._stagers["policy"]
+    assert result.pending and not mgr._pending.copied.is_set()
+    # parameters and Adam state wait for the background; the BatchNorm buffers were copied now
+    assert stager.deferred_bytes > 0 and stager.deferred_bytes < stager.last_bytes
+    fwd_bwd()  # the next step's forward/backward overlaps the copy (running stats change here)
+    assert not mgr._pending.copied.is_set()
+    opt.step()  # the step pre-hook waits for the deferred copies before the weights change
+    assert held.done() and mgr._pending.copied.is_set()
+    opt.zero_grad()
+    done = mgr.wait()
+    assert done.step == 1 and done.seconds_blocked >= 0.3  # the wait in the hook counts as blocked time
+
+    fresh = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.Linear(16, 4))
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+    CheckpointManager(cfg(tmp_path, resume_mode="latest")).resume(
+        [Role(name="policy", model=fresh, optimizers=[fresh_opt], schedulers=[])])
+    assert_same({"model": fresh.state_dict(), "optim": _clone(fresh_opt.state_dict())}, expected)
+    mgr.close()
+    assert opt._optimizer_step_pre_hooks == {} or len(opt._optimizer_step_pre_hooks) == 0  # hooks removed
+
+
+def test_overlap_copy_without_step_hooks_is_what_lightning_relies_on(tmp_path):
+    # the Lightning callback turns the torch hooks off and calls wait_snapshot() itself
+    role = make_role()
+    train(role, 1)
+    expected = snapshot_of(role)
+    mgr = CheckpointManager(cfg(tmp_path, async_overlap_copy=True))
+    mgr.step_hooks = False
+    _hold_background(mgr, 0.4)
+    mgr.save(1, [role])
+    assert len(role.optimizers[0]._optimizer_step_pre_hooks) == 0
+    assert mgr.wait_snapshot() >= 0.2 and mgr._pending.copied.is_set()
+    assert mgr.wait_snapshot() == 0.0
+    train(role, 1)
+    mgr.wait()
+    fresh = make_role(seed=5)
+    CheckpointManager(cfg(tmp_path, resume_mode="latest")).resume([fresh])
+    assert_same(snapshot_of(fresh), expected)
+    mgr.close()
+
+
+def test_overlap_copy_needs_torch_optimizers_and_async_save(tmp_path):
+    from skyrl_callbacks.errors import ConfigError
+    from skyrl_callbacks.staging import deferrable_storages
+
+    with pytest.raises(ConfigError, match="async_overlap_copy=true.*async_save=true"):
+        CheckpointManager(cfg(tmp_path, async_save=False, async_overlap_copy=True))
+    role = make_role()
+    train(role, 1)
+    keys = deferrable_storages(role.optimizers)
+    assert len(keys) == 4 * 4  # 4 parameters + their exp_avg, exp_avg_sq and step
+    assert deferrable_storages([]) is None and deferrable_storages([object()]) is None
+    # a role without a torch optimizer is copied whole before save returns
+    mgr = CheckpointManager(cfg(tmp_path, async_overlap_copy=True))
+    mgr.save(1, [Role(name="policy", model=role.model)])
+    assert mgr._pending.copied.is_set() and mgr._stagers["policy"].deferred_bytes == 0
+    mgr.close()

@@ -35,7 +35,8 @@ CASES = [
                                      "--num-workers", "2"], (7, 5), 2),
     # async_save: the kill comes right after step 10's save was started (not committed): the save
     # at 10 first committed step 5 (at most one in flight), so the rerun resumes from 5
-    ("async-kill-in-flight", B + ["--async-save", "--shuffle", "generator"], (10, 5), 1),
+    # (with async_overlap_copy: parameters/optimizer state copied while the next step runs)
+    ("async-overlap-kill-in-flight", B + ["--async-overlap", "--shuffle", "generator"], (10, 5), 1),
     ("ddp2-async-kill-in-flight", ["--steps", "8", "--interval", "3", "--devices", "2", "--async-save"], (6, 3), 2),
 ]
 

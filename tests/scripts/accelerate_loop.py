@@ -65,6 +65,7 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--async-save", action="store_true", help="async_save=True")
+    p.add_argument("--async-overlap", action="store_true", help="async_save=True, async_overlap_copy=True")
     p.add_argument("--gpu", action="store_true", help="one GPU per process (default: Accelerator(cpu=True))")
     p.add_argument("--fsdp", action="store_true", help="FSDP2 through accelerate's plugin (GPUs)")
     p.add_argument("--step-sleep", type=float, default=0.0, help="seconds to sleep in every step (preemption tests)")
@@ -119,8 +120,10 @@ def main() -> None:
 
     cfg = {"ckpt_interval": args.interval, "ckpt_path": args.ckpt_path, "hf_save_interval": args.hf_interval,
            "export_path": args.export_path or args.ckpt_path + "_export"}
-    if args.async_save:
+    if args.async_save or args.async_overlap:
         cfg["async_save"] = True
+    if args.async_overlap:
+        cfg["async_overlap_copy"] = True
     ckpt = SkyRLCheckpoint(cfg)
     state = ckpt.bind(accelerator, policy=policy, critic=critic, ref=ref, optimizers=[opt_p, opt_c],
                       schedulers=[sch_p, sch_c], dataloader=loader,

@@ -108,6 +108,7 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--async-save", action="store_true", help="async_save=True")
+    p.add_argument("--async-overlap", action="store_true", help="async_save=True, async_overlap_copy=True")
     p.add_argument("--storage-options", default=None, help="JSON dict of fsspec options (cloud ckpt paths)")
     args = p.parse_args()
 
@@ -138,8 +139,10 @@ def main() -> None:
     module = RLModule(args.manual, args.log)
     cfg = {"ckpt_interval": args.interval, "ckpt_path": args.ckpt_path, "max_ckpts_to_keep": args.keep,
            "hf_save_interval": args.hf_interval, "export_path": args.export_path or args.ckpt_path + "_export"}
-    if args.async_save:
+    if args.async_save or args.async_overlap:
         cfg["async_save"] = True
+    if args.async_overlap:
+        cfg["async_overlap_copy"] = True
     if args.storage_options:
         cfg["storage_options"] = json.loads(args.storage_options)
     callbacks = [SkyRLCheckpoint(cfg)]
