@@ -59,7 +59,7 @@ def scenario_ddp(work: str, dist, res: dict) -> None:
     mgr.close()
 
 
-def _fsdp(work: str, dist, res: dict, mode: str) -> None:
+def _fsdp(work: str, dist, res: dict, mode: str, overlap: bool = False) -> None:
     from fsdp_worker import build_fsdp2, gathered_state, make_role, train
 
     from skyrl_callbacks import CheckpointManager
@@ -70,9 +70,21 @@ def _fsdp(work: str, dist, res: dict, mode: str) -> None:
 
     expected = copy.deepcopy(gathered_state(role, dist))  # DSD hands out the live "step" tensors
     ckpts = os.path.join(work, f"ckpts_{mode}")
-    mgr = CheckpointManager(dict(ckpt_path=ckpts, async_save=True, run_lock=False, state_dict_type=mode))
+    mgr = CheckpointManager(dict(ckpt_path=ckpts, async_save=True, run_lock=False, state_dict_type=mode,
+                                 async_overlap_copy=overlap))
+    if overlap:  # keep the background busy so the deferred copies are still pending when training goes on
+        import time
+
+        mgr._executor().submit(time.sleep, 0.5)
     res[f"{mode}_pending"] = mgr.save(3, [role]).pending
+    if overlap:
+        stager = mgr._stagers["policy"]
+        res["overlap_deferred_shards"] = (0 < stager.deferred_bytes < stager.last_bytes + 1
+                                          and not mgr._pending.copied.is_set()) or \
+            f"deferred {stager.deferred_bytes} of {stager.last_bytes} bytes, copied={mgr._pending.copied.is_set()}"
     train(role, 2, start=3)  # weights and optimizer state change under the background write
+    if overlap:
+        res["overlap_step_waited"] = mgr._pending.copied.is_set() or "the optimizer step did not wait"
     done = mgr.wait()
     res[f"{mode}_committed"] = done is not None and done.step == 3 and done.bytes > 0 or f"{done}"
     problems = mgr.verify(mgr.step_dir(3), checksums=True) if dist.is_main else []
@@ -90,7 +102,9 @@ def _fsdp(work: str, dist, res: dict, mode: str) -> None:
 
 
 def scenario_fsdp2(work: str, dist, res: dict) -> None:
-    _fsdp(work, dist, res, "sharded")
+    # sharded, with async_overlap_copy: each rank's DTensor shards and Adam state are copied in the
+    # background while training goes on; the optimizer step waits (plain staging: fsdp2_full, ddp)
+    _fsdp(work, dist, res, "sharded", overlap=True)
 
 
 def scenario_fsdp2_full(work: str, dist, res: dict) -> None:
