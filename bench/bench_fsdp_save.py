@@ -84,6 +84,20 @@ def raw_dump(host: list, path: str) -> float:
     return time.perf_counter() - t0
 
 
+def init_dist(cpu: bool):
+    """Join torchrun's process group (gloo on the CPU, else NCCL with one GPU per rank):
+    (rank, world size, device)."""
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo" if cpu else "nccl")
+    rank = dist.get_rank()
+    if cpu:
+        return rank, dist.get_world_size(), torch.device("cpu")
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    return rank, dist.get_world_size(), torch.device("cuda", torch.cuda.current_device())
+
+
 def main() -> int:
     import torch
     import torch.distributed as dist
@@ -96,13 +110,7 @@ def main() -> int:
     ap.add_argument("--dir", default="/tmp")
     ap.add_argument("--cpu", action="store_true", help="gloo on the CPU (a smoke test of this script)")
     args = ap.parse_args()
-    dist.init_process_group("gloo" if args.cpu else "nccl")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if args.cpu:
-        device = torch.device("cpu")
-    else:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
-        device = torch.device("cuda", torch.cuda.current_device())
+    rank, world, device = init_dist(args.cpu)
     model, opt = build(args.params_b, device)
     loc = local_tensors(model, opt)
     host = [t.cpu() for t in loc]

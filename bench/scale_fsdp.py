@@ -145,13 +145,9 @@ def main() -> int:
     ap.add_argument("--export", action="store_true", help="save phase: also time the HF export and check it")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    dist.init_process_group("gloo" if args.cpu else "nccl")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if args.cpu:
-        device = torch.device("cpu")
-    else:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
-        device = torch.device("cuda", torch.cuda.current_device())
+    from bench.bench_fsdp_save import init_dist
+
+    rank, world, device = init_dist(args.cpu)
 
     from skyrl_callbacks import CheckpointManager
     from skyrl_callbacks.roles import Role

@@ -586,10 +586,21 @@ def _rank_main(rank: int, phase: str, work: str, nproc: int, port: int, torchrun
     from skyrl_callbacks.dist import DistContext
 
     res = Results(rank, verbose=torchrun)
+    run_and_record(res, f"{phase}_phase", lambda: PHASES[phase](work, DistContext(), res),
+                   os.path.join(work, f"results_{phase}_rank{rank}.json"))
+    if torchrun and any(not r["ok"] for r in res.items):
+        sys.exit(1)
+
+
+def run_and_record(res: "Results", name: str, fn, path: str) -> None:
+    """Run one rank's phase, then write its results to ``path`` and tear megatron's parallel
+    state and the process group down, whatever happened."""
+    import torch.distributed as tdist
+
     try:
-        res.run(f"{phase}_phase", lambda: PHASES[phase](work, DistContext(), res))
+        res.run(name, fn)
     finally:
-        with open(os.path.join(work, f"results_{phase}_rank{rank}.json"), "w") as fh:
+        with open(path, "w") as fh:
             json.dump(res.items, fh, indent=1)
         try:
             from megatron.core import parallel_state as ps
@@ -598,8 +609,6 @@ def _rank_main(rank: int, phase: str, work: str, nproc: int, port: int, torchrun
         except Exception:  # noqa: BLE001
             pass
         tdist.destroy_process_group()
-    if torchrun and any(not r["ok"] for r in res.items):
-        sys.exit(1)
 
 
 def _free_port() -> int:

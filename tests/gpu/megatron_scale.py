@@ -53,7 +53,7 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 
 import megatron_helpers as H  # noqa: E402
-from megatron_worker import Results, _free_port  # noqa: E402
+from megatron_worker import Results, _free_port, run_and_record  # noqa: E402
 
 # Llama-shaped presets: hidden, layers, heads, KV groups, FFN, vocab (KV groups and vocab divisible by TP<=4,
 # layers by PP<=4)
@@ -380,21 +380,12 @@ def _rank_main(rank: int, args, nproc: int, port: int, torchrun: bool) -> None:
     from skyrl_callbacks.dist import DistContext
 
     res = ScaleResults(rank, verbose=True)
-    try:
-        world = tdist.get_world_size()
-        if world % (args.tp * args.pp):
-            raise SystemExit(f"world size {world} is not a multiple of TP*PP={args.tp * args.pp}")
-        res.run(f"{args.tag}_phase", lambda: PHASES[args.phase](args, DistContext(), res))
-    finally:
-        with open(os.path.join(args.work, f"results_{args.tag}_rank{rank}.json"), "w") as fh:
-            json.dump(res.items, fh, indent=1)
-        try:
-            from megatron.core import parallel_state as ps
-
-            ps.destroy_model_parallel()
-        except Exception:  # noqa: BLE001
-            pass
+    world = tdist.get_world_size()
+    if world % (args.tp * args.pp):
         tdist.destroy_process_group()
+        raise SystemExit(f"world size {world} is not a multiple of TP*PP={args.tp * args.pp}")
+    run_and_record(res, f"{args.tag}_phase", lambda: PHASES[args.phase](args, DistContext(), res),
+                   os.path.join(args.work, f"results_{args.tag}_rank{rank}.json"))
     if any(not r["ok"] for r in res.items):
         if torchrun:
             sys.exit(1)
