@@ -6,10 +6,12 @@ written by rank 0 only (every DDP rank holds the same bytes), read by every rank
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
+import os
 import threading
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import torch
 
@@ -128,6 +130,179 @@ def torch_load(storage: "Storage", path: str, *, weights_only: bool = False, mma
         raise CorruptCheckpointError(f"{path}: cannot be read ({type(exc).__name__}: {exc}).") from exc
 
 
+_READ_CHUNK = 32 << 20
+_READ_THREADS = 4  # concurrent preads (queue depth): a single stream leaves the disk idle between requests
+_PLAIN_LEAVES = (str, bytes, int, float, bool, complex, type(None), torch.dtype, torch.device, torch.Size)
+
+
+class _Skeleton:
+    """A ``torch.save`` file loaded with ``map_location="meta"``: the object tree with meta tensors
+    whose storages carry their byte offset in the file (``_checkpoint_offset``, torch >= 2.6).
+    Only the pickle and the zip directory are read; :meth:`materialize` reads the tensor bytes."""
+
+    def __init__(self, obj: Any, fh: Any, path: str, size: int) -> None:
+        self.obj, self.fh, self.path, self.size = obj, fh, path, size
+        self.tensors: list[torch.Tensor] = []
+        self.simple = self._collect(obj)
+
+    def _collect(self, o: Any) -> bool:
+        """Record the meta tensors of ``o``; False when it holds anything but containers, plain
+        values and dense meta tensors (such trees take the ordinary ``torch.load`` path)."""
+        if type(o) is torch.Tensor:
+            if o.device.type != "meta" or o.layout != torch.strided or o.requires_grad:
+                return False
+            offset = getattr(o.untyped_storage(), "_checkpoint_offset", None)
+            if not isinstance(offset, int):
+                return False
+            self.tensors.append(o)
+            return True
+        if type(o) in (dict, collections.OrderedDict):
+            return all(self._collect(v) for v in o.values())
+        if type(o) in (list, tuple):
+            return all(self._collect(v) for v in o)
+        return isinstance(o, _PLAIN_LEAVES)
+
+    def materialize(self, dests: Optional[dict] = None) -> Any:
+        """The tree with real CPU tensors, read with large sequential reads in file order.
+
+        ``dests`` maps ``id(meta tensor)`` to a live CPU tensor of the same dtype and shape that
+        owns its whole storage: its bytes are read straight into it (in place) and it takes the
+        meta tensor's place; every other storage is read into fresh memory.
+        """
+        dests = dests or {}
+        by_storage: dict[int, list[torch.Tensor]] = {}
+        for t in self.tensors:
+            by_storage.setdefault(t.untyped_storage()._checkpoint_offset, []).append(t)
+        real: dict[int, torch.Tensor] = {}
+        reads = []  # (file offset, nbytes, uint8 destination)
+        for offset, group in sorted(by_storage.items()):
+            nbytes = group[0].untyped_storage().nbytes()
+            if offset < 0 or offset + nbytes > self.size:
+                raise CorruptCheckpointError(f"{self.path}: tensor data at bytes {offset}..{offset + nbytes} "
+                                             f"lies beyond the end of the file ({self.size} bytes).")
+            live = dests.get(id(group[0])) if len(group) == 1 else None
+            if live is not None and _fits_in_place(group[0], live, nbytes):
+                real[id(group[0])] = live
+                reads.append((offset, nbytes, live.detach().reshape(-1).view(torch.uint8)))
+                continue
+            buf = torch.empty(nbytes, dtype=torch.uint8)
+            for t in group:
+                real[id(t)] = torch.empty(0, dtype=t.dtype).set_(buf.untyped_storage(), t.storage_offset(), t.shape, t.stride())
+            reads.append((offset, nbytes, buf))
+        fd = self.fh.fileno()
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        chunks = []  # (file offset, memoryview) in file order, _READ_CHUNK at most each
+        for offset, nbytes, dst in reads:
+            mv = memoryview(dst.numpy())
+            chunks += [(offset + i, mv[i:i + _READ_CHUNK]) for i in range(0, nbytes, _READ_CHUNK)]
+        threads = min(_READ_THREADS, len(chunks))
+        if threads <= 1:
+            for offset, mv in chunks:
+                _pread_into(fd, mv, offset, self.path)
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="skyrl-read") as pool:
+                futures = [pool.submit(_pread_into, fd, mv, offset, self.path) for offset, mv in chunks]
+            for fut in futures:
+                fut.result()
+        return self._rebuild(self.obj, real)
+
+    def _rebuild(self, o: Any, real: dict) -> Any:
+        if type(o) is torch.Tensor:
+            return real[id(o)]
+        if type(o) in (dict, collections.OrderedDict):
+            return type(o)((k, self._rebuild(v, real)) for k, v in o.items())
+        if type(o) in (list, tuple):
+            return type(o)(self._rebuild(v, real) for v in o)
+        return o
+
+
+def _fits_in_place(meta: torch.Tensor, live: Any, nbytes: int) -> bool:
+    """``live`` can take the loaded bytes of ``meta`` as they are: a dense CPU tensor of the same
+    dtype and shape that owns its whole storage (not a view into a flat buffer), and ``meta``
+    covers its own storage exactly."""
+    return (
+        type(live) is torch.Tensor
+        and live.device.type == "cpu"
+        and live.layout == torch.strided
+        and live.dtype == meta.dtype
+        and live.shape == meta.shape
+        and live.is_contiguous()
+        and meta.is_contiguous()
+        and meta.storage_offset() == 0
+        and live.storage_offset() == 0
+        and live.untyped_storage().nbytes() == nbytes == live.numel() * live.element_size()
+        and not live.requires_grad
+    )
+
+
+def _pread_into(fd: int, mv: memoryview, offset: int, path: str) -> None:
+    done = 0
+    while done < mv.nbytes:
+        try:
+            n = os.preadv(fd, [mv[done:done + _READ_CHUNK]], offset + done)
+        except OSError as exc:
+            raise CorruptCheckpointError(f"{path}: cannot be read ({type(exc).__name__}: {exc}).") from exc
+        if n == 0:
+            raise CorruptCheckpointError(f"{path}: ends inside tensor data (read {offset + done} bytes).")
+        done += n
+
+
+@contextlib.contextmanager
+def open_skeleton(storage: "Storage", path: str, *, weights_only: bool = False) -> Iterator[Optional[_Skeleton]]:
+    """The :class:`_Skeleton` of a local ``torch.save`` file, or None where the direct read does
+    not apply (object stores, torch without storage offsets, trees with other objects): the
+    caller then uses :func:`torch_load`. Errors name the file (:class:`CorruptCheckpointError`)."""
+    if not storage.is_local or not hasattr(os, "preadv"):
+        yield None
+        return
+    try:
+        fh = open(path, "rb")
+    except OSError:
+        yield None  # torch_load reports it, naming the file
+        return
+    with fh:
+        try:
+            size = os.fstat(fh.fileno()).st_size
+            skel: Optional[_Skeleton] = _Skeleton(torch.load(fh, map_location="meta", weights_only=weights_only),
+                                                  fh, path, size)
+        except Exception:  # a torn file, or a torch that cannot load to "meta": torch_load decides
+            skel = None
+        yield skel if skel is not None and skel.simple else None
+
+
+def optimizer_destinations(state: Any, optimizer: Any) -> dict:
+    """``{id(loaded tensor): live state tensor}`` for ``optimizer.load_state_dict(state)``: the
+    saved parameter indices paired with the live parameters the way ``load_state_dict`` pairs
+    them (group by group, in order). Tensors without a live counterpart are absent."""
+    out: dict = {}
+    try:
+        saved_groups, live_groups, saved_state = state["param_groups"], optimizer.param_groups, state["state"]
+        if len(saved_groups) != len(live_groups):
+            return out
+        for sg, lg in zip(saved_groups, live_groups):
+            if len(sg["params"]) != len(lg["params"]):
+                return out
+            for idx, param in zip(sg["params"], lg["params"]):
+                saved, live = saved_state.get(idx), optimizer.state.get(param)
+                if not isinstance(saved, dict) or not isinstance(live, dict):
+                    continue
+                for key, t in saved.items():
+                    if isinstance(t, torch.Tensor) and isinstance(live.get(key), torch.Tensor) and not (
+                        param.is_floating_point() and key != "step" and live[key].dtype != param.dtype
+                    ):
+                        out[id(t)] = live[key]
+    except (KeyError, TypeError, AttributeError):
+        return {}
+    # a live tensor shared by two entries is not a destination (one of them would be overwritten)
+    seen: dict = {}
+    for k, v in out.items():
+        seen.setdefault(id(v), []).append(k)
+    return {k: v for k, v in out.items() if len(seen[id(v)]) == 1}
+
+
 class PlainWriter(RoleWriter):
     """Writer for unsharded models (single process, DDP)."""
 
@@ -212,7 +387,17 @@ class PlainWriter(RoleWriter):
                 f"{path}: missing, but the role has {len(objs)} {what}(s). The checkpoint was saved "
                 f"without {what} state; resume with the same {what} setup as the saving run."
             )
-        states = unpack_states(torch_load(storage, path), len(objs), what, path)
+        with open_skeleton(storage, path) if what == "optimizer" else contextlib.nullcontext() as skel:
+            if skel is None:
+                states = unpack_states(torch_load(storage, path), len(objs), what, path)
+            else:
+                # local file: the pickle first (meta tensors), then the tensor bytes with large
+                # sequential reads straight into the optimizers' existing state tensors where
+                # they match (no second copy, no fresh memory), else into fresh memory
+                dests: dict = {}
+                for obj, meta in zip(objs, unpack_states(skel.obj, len(objs), what, path)):
+                    dests.update(optimizer_destinations(meta, obj))
+                states = unpack_states(skel.materialize(dests), len(objs), what, path)
         for obj, state in zip(objs, states):
             try:
                 obj.load_state_dict(state)
