@@ -32,7 +32,10 @@ Methods:
 * ``dcp.async``      ``dcp.async_save``: stall = until it returns, total = until its future is done;
 * ``ours``           ``CheckpointManager.save`` (plain writer; manifest, xxh3, commit, pointer);
 * ``ours async``     ``async_save=True``: stall = until ``save`` returns; total = until committed;
-* ``ours load``      ``CheckpointManager.load`` with a cold page cache, against a cold raw read.
+* ``ours load``      ``CheckpointManager.load`` with a cold page cache, against a cold raw read,
+  into the live model and optimizer (whose state exists: the optimizer has stepped);
+* ``ours load fresh`` the same into a fresh optimizer without state (what a resume at start-up
+  does): the optimizer state is allocated by the load.
 
 For the async methods a foreground compute loop runs while the background writes; "lost" is
 the stall plus the slowdown of that loop against its speed measured just before (the time
@@ -62,7 +65,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 METHODS = ["raw", "pinned copy", "torch.save", "lightning", "accelerate", "dcp", "dcp x4", "dcp.async", "ours", "ours async",
-           "ours load"]
+           "ours load", "ours load fresh"]
 CHUNK = 8 << 20
 
 
@@ -324,15 +327,21 @@ def run_method(method: str, model, opt, nbytes: int, work: str, device: str) -> 
             n += 1
         total = time.perf_counter() - t0
         return {"stall": stall, "total": total, "lost": total - n * compute.per_iter}
-    if method == "ours load":
+    if method in ("ours load", "ours load fresh"):
         from skyrl_callbacks import CheckpointManager
         from skyrl_callbacks.roles import Role
 
-        role = Role("policy", model, [opt], [])
         mgr = _MGRS.get(method)
         if mgr is None:
             mgr = _MGRS[method] = CheckpointManager(dict(ckpt_path=out + "_load", run_lock=False, max_ckpts_to_keep=1))
-            mgr.save(1, [role])
+            mgr.save(1, [Role("policy", model, [opt], [])])
+        if method == "ours load fresh":  # a new optimizer (no state yet) over the same parameters
+            opt.state.clear()
+            import gc
+
+            gc.collect()
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        role = Role("policy", model, [opt], [])
         step_dir = mgr.step_dir(1)
         drop_cache(step_dir)
         t0 = time.perf_counter()
@@ -397,7 +406,7 @@ def worker(args) -> dict:
             r = {"raw": raw}
             if args.method == "raw":
                 r.update(read=raw_read(os.path.join(work, "raw.bin")))
-            elif args.method == "ours load":
+            elif args.method in ("ours load", "ours load fresh"):
                 r.update(read=raw_read(os.path.join(work, "raw.bin")))
                 r.update(run_method(args.method, model, opt, nbytes, work, args.device))
             else:
@@ -419,7 +428,7 @@ def summarize(res: dict) -> dict:
     row["raw"] = med([r["raw"] for r in rounds])
     if res["method"] == "raw":
         row.update(stall=row["raw"], total=row["raw"], x_raw=1.0, read=med([r["read"] for r in rounds]))
-    elif res["method"] == "ours load":
+    elif res["method"] in ("ours load", "ours load fresh"):
         row.update(stall=med([r["total"] for r in rounds]), total=med([r["total"] for r in rounds]),
                    read=med([r["read"] for r in rounds]),
                    x_raw=med([r["read"] / r["total"] for r in rounds]))  # load vs cold raw read
@@ -479,7 +488,7 @@ def main() -> int:
             ls = f"{row['lost_sync']:.3f}" if "lost_sync" in row else "-"
             print(f"| {method:<12} | {row['stall']:8.3f} | {row['total']:8.3f} | {row['gbps']:6.2f} | {row['x_raw']:6.2f} | "
                   f"{ss:>10} | {ls:>9} | {row['rss']:9.2f} |", flush=True)
-            if method in ("raw", "ours load"):
+            if method in ("raw", "ours load", "ours load fresh"):
                 print(f"| {'  (read)':<12} | {'':>8} | {row['read']:8.3f} | {row['gib'] * (1 << 30) / 1e9 / row['read']:6.2f} | "
                       f"{'':>6} | {'':>10} | {'':>9} | {'':>9} |", flush=True)
     if args.json:
