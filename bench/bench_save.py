@@ -32,6 +32,9 @@ Methods:
 * ``dcp.async``      ``dcp.async_save``: stall = until it returns, total = until its future is done;
 * ``ours``           ``CheckpointManager.save`` (plain writer; manifest, xxh3, commit, pointer);
 * ``ours async``     ``async_save=True``: stall = until ``save`` returns; total = until committed;
+* ``ours async overlap`` ``async_overlap_copy=True`` as well: after ``save`` returns the loop runs the next
+  step's "forward/backward" (the compute loop, ``--fwd-bwd-s`` seconds) and then ``optimizer.step()``, whose
+  pre-hook waits for the deferred copies; stall = ``save`` + that wait;
 * ``ours load``      ``CheckpointManager.load`` with a cold page cache, against a cold raw read,
   into the live model and optimizer (whose state exists: the optimizer has stepped);
 * ``ours load fresh`` the same into a fresh optimizer without state (what a resume at start-up
@@ -65,8 +68,12 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 METHODS = ["raw", "pinned copy", "torch.save", "lightning", "accelerate", "dcp", "dcp x4", "dcp.async", "ours", "ours async",
+           "ours async overlap",
            "ours load", "ours load fresh"]
 CHUNK = 8 << 20
+#: "ours async overlap": seconds of foreground compute (the next step's forward/backward) before the
+#: optimizer step that waits for the deferred copies (--fwd-bwd-s)
+FWD_BWD_S = 0.5
 
 
 # --------------------------------------------------------------------------- the state
@@ -300,14 +307,15 @@ def run_method(method: str, model, opt, nbytes: int, work: str, device: str) -> 
         fut.result()
         total = time.perf_counter() - t0
         return {"stall": stall, "total": total, "lost": total - n * compute.per_iter}
-    if method in ("ours", "ours async"):
+    if method in ("ours", "ours async", "ours async overlap"):
         from skyrl_callbacks import CheckpointManager
         from skyrl_callbacks.roles import Role
 
         role = Role("policy", model, [opt], [])
         mgr = _MGRS.get(method)
         if mgr is None:
-            mgr = _MGRS[method] = CheckpointManager(dict(ckpt_path=out, async_save=method == "ours async",
+            mgr = _MGRS[method] = CheckpointManager(dict(ckpt_path=out, async_save=method != "ours",
+                                                         async_overlap_copy=method == "ours async overlap",
                                                          run_lock=False, max_ckpts_to_keep=1))
         mgr.storage.rm(mgr.storage.root) if os.path.exists(out) else None
         step = _MGRS.setdefault("_step", 0) + 1  # type: ignore[operator]
@@ -322,6 +330,14 @@ def run_method(method: str, model, opt, nbytes: int, work: str, device: str) -> 
         mgr.save(step, [role])
         stall = time.perf_counter() - t0
         n = 0
+        if method == "ours async overlap":
+            t_fb = time.perf_counter()
+            while time.perf_counter() - t_fb < FWD_BWD_S:  # the next step's forward and backward
+                compute.step()
+                n += 1
+            t_step = time.perf_counter()
+            opt.step()  # no gradients: changes nothing, but its pre-hook waits for the deferred copies
+            stall += time.perf_counter() - t_step
         while mgr.poll() is None:
             compute.step()
             n += 1
@@ -411,7 +427,7 @@ def worker(args) -> dict:
                 r.update(run_method(args.method, model, opt, nbytes, work, args.device))
             else:
                 r.update(run_method(args.method, model, opt, nbytes, work, args.device))
-                if args.method in ("ours async", "dcp.async"):
+                if args.method in ("ours async", "ours async overlap", "dcp.async"):
                     r["sync"] = run_method("ours", model, opt, nbytes, work, args.device)["total"]
             os.remove(os.path.join(work, "raw.bin"))
             rounds.append(r)
@@ -454,10 +470,13 @@ def main() -> int:
     ap.add_argument("--fg-threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                     help="torch threads of the process (the foreground compute loop); default: all cores but "
                          "one, which is left to the checkpoint writer as a training job would")
+    ap.add_argument("--fwd-bwd-s", type=float, default=0.5,
+                    help="'ours async overlap': seconds of forward/backward before the next optimizer step")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--size-gib", type=float, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    globals()["FWD_BWD_S"] = args.fwd_bwd_s
     if args.worker:
         args.method, args.size_gib = args.worker, args.size_gib
         print(json.dumps(worker(args)))
@@ -468,7 +487,9 @@ def main() -> int:
           f"torch {torch.__version__}, device {args.device}"
           + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else "")
           + f", dir {args.dir or tempfile.gettempdir()}, {args.runs} rounds (medians), "
-            f"{args.fg_threads} torch thread(s) in the foreground")
+            f"{args.fg_threads} torch thread(s) in the foreground"
+          + (f", {args.fwd_bwd_s:g} s of forward/backward before the optimizer step ('ours async overlap')"
+             if "ours async overlap" in args.methods else ""))
     rows = []
     for gib in args.sizes_gib:
         print(f"\n## {gib:g} GiB of state\n")
@@ -477,7 +498,7 @@ def main() -> int:
         print("|" + "|".join("-" * w for w in (14, 10, 10, 8, 8, 12, 11, 11)) + "|")
         for method in args.methods:
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", method, "--size-gib", str(gib),
-                   "--runs", str(args.runs), "--device", args.device, "--fg-threads", str(args.fg_threads)] + (["--dir", args.dir] if args.dir else [])
+                   "--runs", str(args.runs), "--device", args.device, "--fg-threads", str(args.fg_threads), "--fwd-bwd-s", str(args.fwd_bwd_s)] + (["--dir", args.dir] if args.dir else [])
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 print(f"| {method:<12} | failed: {proc.stderr.strip().splitlines()[-1][:90] if proc.stderr.strip() else proc.returncode}")
