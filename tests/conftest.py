@@ -1,7 +1,21 @@
 pytest_plugins = ["tests.conftest_cloud"]
 
 
+import os
+
 import pytest
+
+
+@pytest.fixture(autouse=True)
+def _restore_environ():
+    """A test that runs Lightning in this process leaves MASTER_ADDR/MASTER_PORT/LOCAL_RANK/... in
+    os.environ; the subprocesses of later tests inherit them (a worker then believes it runs under
+    torchrun, a DDP launch reuses a dead port). Every test gets the environment back as it found it."""
+    saved = dict(os.environ)
+    yield
+    if dict(os.environ) != saved:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 @pytest.fixture(autouse=True)
