@@ -24,7 +24,7 @@ CASES = [
     ("manual-torchdata-w0-global-mid", B + ["--manual", "--shuffle", "global", "--loader", "torchdata"], MID, 1),
     ("manual-torchdata-w0-global-boundary", B + ["--manual", "--shuffle", "global", "--loader", "torchdata"], BOUNDARY, 1),
     ("manual-w2-generator-mid", B + ["--manual", "--shuffle", "generator", "--num-workers", "2"], MID, 1),
-    ("manual-w2-generator-boundary", B + ["--manual", "--shuffle", "generator", "--num-workers", "2"], BOUNDARY, 1),
+    # (the epoch boundary with 2 workers: auto-mixin-w2-global-boundary below)
     # gradient accumulation: step 3 = 6 batches (mid-epoch); only accumulation boundaries save
     ("auto-accum2-mixin-generator-mid", ["--steps", "8", "--interval", "3", "--accumulate", "2", "--loader", "mixin",
                                          "--shuffle", "generator"], (4, 3), 1),
