@@ -98,6 +98,17 @@ def init_dist(cpu: bool):
     return rank, dist.get_world_size(), torch.device("cuda", torch.cuda.current_device())
 
 
+def timed(fn) -> float:
+    """Seconds of ``fn()`` on every rank, between two barriers (the slowest rank's time)."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    t0 = time.perf_counter()
+    fn()
+    dist.barrier()
+    return time.perf_counter() - t0
+
+
 def main() -> int:
     import torch
     import torch.distributed as dist
@@ -135,13 +146,6 @@ def main() -> int:
     mgr_sync = CheckpointManager(dict(ckpt_path=os.path.join(work, "ours"), run_lock=False, max_ckpts_to_keep=1))
     mgr_async = CheckpointManager(dict(ckpt_path=os.path.join(work, "ours_async"), run_lock=False,
                                        max_ckpts_to_keep=1, async_save=True))
-
-    def timed(fn) -> float:
-        dist.barrier()
-        t0 = time.perf_counter()
-        fn()
-        dist.barrier()
-        return time.perf_counter() - t0
 
     def state():
         msd, osd = get_state_dict(model, [opt])

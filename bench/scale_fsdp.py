@@ -145,7 +145,7 @@ def main() -> int:
     ap.add_argument("--export", action="store_true", help="save phase: also time the HF export and check it")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from bench.bench_fsdp_save import init_dist
+    from bench.bench_fsdp_save import init_dist, timed
 
     rank, world, device = init_dist(args.cpu)
 
@@ -167,13 +167,6 @@ def main() -> int:
             with open(results, "a") as fh:
                 fh.write(json.dumps({"name": f"fsdp_{name}", "ok": ok, "detail": detail, "world": world,
                                      **figures}) + "\n")
-
-    def timed(fn) -> float:
-        dist.barrier()
-        t0 = time.perf_counter()
-        fn()
-        dist.barrier()
-        return time.perf_counter() - t0
 
     def gathered(values) -> list:
         out = [None] * world
