@@ -543,9 +543,11 @@ def _osd_strip_prefix(role: "Role", osd: dict) -> dict:
             f"include_prefix={prefix!r}; its state cannot be saved unambiguously. Give each role its own optimizer."
         )
 
-    def fix(key: Any) -> Any:
-        return key[len(prefix):] if isinstance(key, str) and key.startswith(prefix) else key
+    return _rename_osd(osd, lambda k: k[len(prefix):] if isinstance(k, str) and k.startswith(prefix) else k)
 
+
+def _rename_osd(osd: dict, fix: Any) -> dict:
+    """``osd`` with every parameter name (``state`` keys, ``param_groups[i]["params"]``) mapped by ``fix``."""
     groups = [{**g, "params": [fix(k) for k in g["params"]]} for g in osd.get("param_groups", [])]
     return {"state": {fix(k): v for k, v in osd.get("state", {}).items()}, "param_groups": groups}
 
@@ -557,12 +559,7 @@ def _osd_add_prefix(role: "Role", osd: dict) -> dict:
     if not prefix:
         return osd
     fqns = _root_fqns(role)
-
-    def fix(key: Any) -> Any:
-        return prefix + key if isinstance(key, str) and prefix + key in fqns else key
-
-    groups = [{**g, "params": [fix(k) for k in g["params"]]} for g in osd.get("param_groups", [])]
-    return {"state": {fix(k): v for k, v in osd.get("state", {}).items()}, "param_groups": groups}
+    return _rename_osd(osd, lambda k: prefix + k if isinstance(k, str) and prefix + k in fqns else k)
 
 
 def fsdp1_optimizer_coverage(model: torch.nn.Module, optimizers: list) -> list[str]:
@@ -1236,16 +1233,6 @@ class FSDPWriter(RoleWriter):
                 full = torch.empty(0, dtype=_dtype_of(value))
             yield name, full
             del full, value
-
-    def hf_config(self, role: "Role") -> Any:
-        """The HF config of a view's module (``writers.hf.export_role`` asks the writer when
-        ``role.model`` itself, an FSDP1 root around a LightningModule, is no HF model)."""
-        if not role.is_view:
-            return None
-        from skyrl_callbacks.writers.hf import hf_model_of
-
-        hf = hf_model_of(role.module)
-        return None if hf is None else hf.config
 
     # ------------------------------------------------------------------ validation
     def validate_dir(self, storage: "Storage", role_dir: str) -> Optional[str]:
