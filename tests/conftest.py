@@ -5,6 +5,10 @@ import os
 
 import pytest
 
+# Every checkpoint file with tensors takes the multi-threaded writer (by default only files of
+# 64 MiB and more do), here and in the subprocesses tests start: the whole suite covers that path.
+os.environ.setdefault("SKYRL_PARALLEL_WRITE_MIN_BYTES", "0")
+
 
 @pytest.fixture(autouse=True)
 def _restore_environ():

@@ -15,16 +15,21 @@ from skyrl_callbacks.errors import CorruptCheckpointError
 from skyrl_callbacks.roles import Role
 
 
-def make_role(seed: int = 0, dtype=torch.float32) -> Role:
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run on the "
+                                                                    "GPU machine: docs/gpu_runs.md)"))]
+
+
+def make_role(seed: int = 0, dtype=torch.float32, device="cpu") -> Role:
     torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4)).to(dtype)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4)).to(device, dtype)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     return Role(name="policy", model=model, optimizers=[opt])
 
 
 def train(role: Role, steps: int) -> None:
     for _ in range(steps):
-        x = torch.randn(5, 8, dtype=next(role.model.parameters()).dtype)
+        p = next(role.model.parameters())
+        x = torch.randn(5, 8, dtype=p.dtype).to(p.device)
         role.model(x).float().pow(2).mean().backward()
         role.optimizers[0].step()
         role.optimizers[0].zero_grad()
@@ -36,7 +41,7 @@ def assert_state_equal(got: dict, ref: dict) -> None:
     for idx, st in ref["state"].items():
         for key, val in st.items():
             live = got["state"][idx][key]
-            assert live.dtype == val.dtype and torch.equal(live, val), (idx, key)
+            assert live.dtype == val.dtype and torch.equal(live.cpu(), val.cpu()), (idx, key)
 
 
 def saved(tmp_path, role, step=3):
@@ -46,22 +51,28 @@ def saved(tmp_path, role, step=3):
     return mgr, path, torch.load(path, weights_only=False)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_reads_into_the_live_state_tensors_in_place(tmp_path, dtype):
-    role = make_role(dtype=dtype)
+def test_reads_into_the_live_state_tensors_in_place(tmp_path, dtype, device):
+    role = make_role(dtype=dtype, device=device)
     train(role, 3)
     mgr, path, ref = saved(tmp_path, role)
+    weights = {k: v.clone() for k, v in role.model.state_dict().items()}
     train(role, 2)  # the live state moves on; the load must bring back step 3's bytes
     opt = role.optimizers[0]
     live_before = {id(t) for st in opt.state.values() for t in st.values() if isinstance(t, torch.Tensor)}
+    params_before = [p.data_ptr() for p in role.model.parameters()]
     mgr.load([role], mgr.step_dir(3))
+    assert [p.data_ptr() for p in role.model.parameters()] == params_before
+    for k, v in role.model.state_dict().items():
+        assert v.device.type == device and torch.equal(v, weights[k]), k
     live_after = [t for st in opt.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
     # exp_avg / exp_avg_sq (and step) were filled in place: the same tensor objects hold the loaded bytes
     reused = [t for t in live_after if id(t) in live_before]
     assert len(reused) >= 2 * len(list(role.model.parameters()))
     assert_state_equal(opt.state_dict(), ref)
     # and the next step is the one the saving run would have taken
-    other = make_role(seed=9, dtype=dtype)
+    other = make_role(seed=9, dtype=dtype, device=device)
     other.model.load_state_dict(role.model.state_dict())
     other.optimizers[0].load_state_dict(ref)
     torch.manual_seed(5)
@@ -71,14 +82,17 @@ def test_reads_into_the_live_state_tensors_in_place(tmp_path, dtype):
     assert all(torch.equal(a, b) for a, b in zip(role.model.parameters(), other.model.parameters()))
 
 
-def test_reads_into_fresh_memory_for_an_optimizer_without_state(tmp_path):
-    role = make_role()
+@pytest.mark.parametrize("device", DEVICES)
+def test_reads_into_fresh_memory_for_an_optimizer_without_state(tmp_path, device):
+    role = make_role(device=device)
     train(role, 3)
     _, path, ref = saved(tmp_path, role)
-    fresh = make_role(seed=1)
+    fresh = make_role(seed=1, device=device)
     assert len(fresh.optimizers[0].state) == 0
     CheckpointManager(dict(ckpt_path=str(tmp_path / "ck"), resume_mode="latest", run_lock=False)).resume([fresh])
     assert_state_equal(fresh.optimizers[0].state_dict(), ref)
+    for a, b in zip(fresh.model.parameters(), role.model.parameters()):
+        assert torch.equal(a, b)
     # nothing loaded aliases another entry: every state tensor owns its memory
     ptrs = [t.data_ptr() for st in fresh.optimizers[0].state.values() for t in st.values() if t.numel() > 1]
     assert len(ptrs) == len(set(ptrs))

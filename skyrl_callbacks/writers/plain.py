@@ -64,10 +64,173 @@ def torch_save(storage: "Storage", path: str, obj: Any) -> None:
 
     The CRC costs a third of a save's time on a fast disk and protects nothing our manifest's
     checksum (xxh3, computed as the bytes are written) does not; ``torch.load`` reads such
-    files as usual.
+    files as usual. Large local files are written by :func:`_parallel_torch_save` (the same
+    bytes, the tensor data written by several threads).
     """
+    if _parallel_torch_save(storage, path, obj):
+        return
     with storage.open(path, "wb") as fh, _no_zip_crc():
         torch.save(obj, fh)
+
+
+#: tensor bytes from which a local file is written by several threads (below, one stream is as
+#: fast); ``SKYRL_PARALLEL_WRITE_MIN_BYTES`` overrides it (the test suite sets 0 to cover the path)
+_PARALLEL_MIN_BYTES = 64 << 20
+_WRITE_THREADS = 4
+_WRITE_CHUNK = 32 << 20
+
+
+def _cpu_storages(obj: Any, out: list) -> bool:
+    """Append the tensors of ``obj`` to ``out``; False when ``obj`` holds anything but containers,
+    plain values and dense CPU tensors (such trees take the one-stream path)."""
+    if type(obj) is torch.Tensor:
+        if obj.device.type != "cpu" or obj.layout != torch.strided:
+            return False
+        out.append(obj)
+        return True
+    if type(obj) in (dict, collections.OrderedDict):
+        return all(_cpu_storages(v, out) for v in obj.values())
+    if type(obj) in (list, tuple):
+        return all(_cpu_storages(v, out) for v in obj)
+    return isinstance(obj, _PLAIN_LEAVES)
+
+
+def _parallel_torch_save(storage: "Storage", path: str, obj: Any) -> bool:
+    """Write ``torch.save(obj)`` to the local ``path`` with the tensor bytes written by several
+    threads; False (nothing written) where it does not apply.
+
+    One stream leaves the disk idle between requests and copies into the page cache on one core;
+    ``dcp.save`` gets its speed from one file per thread, but SkyRL's layout is one file per
+    state. So: ``torch.save`` under ``skip_data`` writes the file with holes where the storages go
+    (pickle, zip records and directory: the exact file ``torch.save`` writes, less the data);
+    the file is read back to ``meta`` for each storage's offset; the storages' bytes are written
+    into the holes with ``pwrite`` on :data:`_WRITE_THREADS` threads, while another thread
+    checksums the file in order for the manifest (no read-back of the data).
+    """
+    skip_data = getattr(torch.serialization, "skip_data", None)
+    if not storage.is_local or skip_data is None or not hasattr(os, "pwrite"):
+        return False
+    tensors: list[torch.Tensor] = []
+    if not _cpu_storages(obj, tensors):
+        return False
+    try:
+        min_bytes = int(os.environ.get("SKYRL_PARALLEL_WRITE_MIN_BYTES", _PARALLEL_MIN_BYTES))
+    except ValueError:
+        min_bytes = _PARALLEL_MIN_BYTES
+    unique = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in tensors}
+    if not unique or sum(unique.values()) < min_bytes:
+        return False
+    try:
+        storage.makedirs(os.path.dirname(path) or ".")
+        with open(path, "wb") as fh, _no_zip_crc(), skip_data():
+            torch.save(obj, fh)
+        skeleton = torch.load(path, map_location="meta", weights_only=True)
+        regions = _storage_regions(obj, skeleton, os.path.getsize(path))
+    except Exception:  # noqa: BLE001 - an unusual tree or torch: the one-stream path decides
+        regions = None
+    if regions is None:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        return False
+    _fill_regions(storage, path, regions)
+    return True
+
+
+def _storage_regions(obj: Any, skeleton: Any, size: int) -> Optional[list]:
+    """``[(file offset, uint8 view of the storage)]`` in file order, pairing each tensor of ``obj``
+    with its ``meta`` twin in ``skeleton``; None if the two trees or offsets do not agree."""
+    pairs: list = []
+
+    def walk(a: Any, b: Any) -> bool:
+        if type(a) is torch.Tensor:
+            if not isinstance(b, torch.Tensor) or b.device.type != "meta":
+                return False
+            pairs.append((a, b))
+            return True
+        if type(a) in (dict, collections.OrderedDict):
+            return isinstance(b, dict) and list(a) == list(b) and all(walk(a[k], b[k]) for k in a)
+        if type(a) in (list, tuple):
+            return type(b) is type(a) and len(a) == len(b) and all(walk(x, y) for x, y in zip(a, b))
+        return True
+
+    if not walk(obj, skeleton):
+        return None
+    by_offset: dict[int, torch.Tensor] = {}
+    for real, meta in pairs:
+        offset = getattr(meta.untyped_storage(), "_checkpoint_offset", None)
+        st = real.untyped_storage()
+        if not isinstance(offset, int) or st.nbytes() != meta.untyped_storage().nbytes():
+            return None
+        prev = by_offset.get(offset)
+        if prev is not None and prev.untyped_storage()._cdata != st._cdata:
+            return None
+        by_offset[offset] = real
+    regions = []
+    end = 0
+    for offset in sorted(by_offset):
+        st = by_offset[offset].untyped_storage()
+        nbytes = st.nbytes()
+        if offset < end or offset + nbytes > size:
+            return None
+        end = offset + nbytes
+        if nbytes:
+            regions.append((offset, torch.empty(0, dtype=torch.uint8).set_(st)))
+    return regions
+
+
+def _fill_regions(storage: "Storage", path: str, regions: list) -> None:
+    """Write each region's bytes at its offset (``pwrite``, several threads) and record the whole
+    file's checksum, computed in file order from the skeleton's bytes and the sources."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from skyrl_callbacks.manifest import _hasher, checksum_algo
+    from skyrl_callbacks.storage import local_io_error
+
+    chunks = []
+    for offset, data in regions:
+        mv = memoryview(data.numpy())
+        chunks += [(offset + i, mv[i:i + _WRITE_CHUNK]) for i in range(0, mv.nbytes, _WRITE_CHUNK)]
+    algo = checksum_algo()
+    size = os.path.getsize(path)
+
+    def checksum(fd: int) -> str:
+        h, pos = _hasher(algo), 0
+        for offset, data in regions:
+            if offset > pos:
+                h.update(os.pread(fd, offset - pos, pos))  # zip headers between storages (small)
+            mv = memoryview(data.numpy())
+            h.update(mv)
+            pos = offset + mv.nbytes
+        if size > pos:
+            h.update(os.pread(fd, size - pos, pos))
+        return h.hexdigest()
+
+    try:
+        fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise local_io_error(exc, path, "writing") from exc
+    try:
+        with ThreadPoolExecutor(max_workers=_WRITE_THREADS + 1, thread_name_prefix="skyrl-pwrite") as pool:
+            digest = pool.submit(checksum, fd)  # reads only the skeleton's bytes, already written
+            futures = [pool.submit(_pwrite_all, fd, mv, offset) for offset, mv in chunks]
+        for fut in futures:
+            fut.result()
+        storage._remember(path, size, algo, digest.result())
+    except OSError as exc:
+        raise local_io_error(exc, path, "writing") from exc
+    finally:
+        os.close(fd)
+
+
+def _pwrite_all(fd: int, mv: memoryview, offset: int) -> None:
+    done = 0
+    while done < mv.nbytes:
+        n = os.pwrite(fd, mv[done:], offset + done)
+        if n == 0:  # pragma: no cover - pwrite(2) returns 0 only for a zero-length request
+            raise OSError(f"pwrite wrote nothing at offset {offset + done}")
+        done += n
 
 
 def write_files_concurrently(storage: "Storage", directory: str, jobs: list) -> None:
@@ -192,19 +355,22 @@ class _Skeleton:
         fd = self.fh.fileno()
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        chunks = []  # (file offset, memoryview) in file order, _READ_CHUNK at most each
+        chunks = []  # (file offset, destination) in file order, _READ_CHUNK at most each
         for offset, nbytes, dst in reads:
+            if dst.is_cuda:  # read through a pinned host buffer, then copied in place on the device
+                chunks += [(offset + i, dst[i:i + _READ_CHUNK]) for i in range(0, nbytes, _READ_CHUNK)]
+                continue
             mv = memoryview(dst.numpy())
             chunks += [(offset + i, mv[i:i + _READ_CHUNK]) for i in range(0, nbytes, _READ_CHUNK)]
         threads = min(_READ_THREADS, len(chunks))
         if threads <= 1:
-            for offset, mv in chunks:
-                _pread_into(fd, mv, offset, self.path)
+            for offset, dst in chunks:
+                _read_chunk(fd, dst, offset, self.path)
         else:
             from concurrent.futures import ThreadPoolExecutor
 
             with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="skyrl-read") as pool:
-                futures = [pool.submit(_pread_into, fd, mv, offset, self.path) for offset, mv in chunks]
+                futures = [pool.submit(_read_chunk, fd, dst, offset, self.path) for offset, dst in chunks]
             for fut in futures:
                 fut.result()
         return self._rebuild(self.obj, real)
@@ -225,7 +391,7 @@ def _fits_in_place(meta: torch.Tensor, live: Any, nbytes: int) -> bool:
     covers its own storage exactly."""
     return (
         type(live) is torch.Tensor
-        and live.device.type == "cpu"
+        and live.device.type in ("cpu", "cuda")
         and live.layout == torch.strided
         and live.dtype == meta.dtype
         and live.shape == meta.shape
@@ -236,6 +402,25 @@ def _fits_in_place(meta: torch.Tensor, live: Any, nbytes: int) -> bool:
         and live.untyped_storage().nbytes() == nbytes == live.numel() * live.element_size()
         and not live.requires_grad
     )
+
+
+_BOUNCE = threading.local()  # each reader thread's pinned host buffer for device destinations
+
+
+def _read_chunk(fd: int, dst: Any, offset: int, path: str) -> None:
+    """Read ``dst``'s bytes from ``offset``: straight into host memory (a memoryview), or for a
+    CUDA ``uint8`` tensor into this thread's pinned buffer, then copied to the device."""
+    if isinstance(dst, memoryview):
+        _pread_into(fd, dst, offset, path)
+        return
+    nbytes = dst.numel()
+    bounce = getattr(_BOUNCE, "buf", None)
+    if bounce is None or bounce.numel() < nbytes:
+        bounce = _BOUNCE.buf = torch.empty(max(nbytes, _READ_CHUNK), dtype=torch.uint8, pin_memory=True)
+    _pread_into(fd, memoryview(bounce.numpy())[:nbytes], offset, path)
+    with torch.cuda.device(dst.device):
+        dst.copy_(bounce[:nbytes], non_blocking=True)
+        torch.cuda.current_stream().synchronize()  # the buffer is refilled by this thread's next read
 
 
 def _pread_into(fd: int, mv: memoryview, offset: int, path: str) -> None:
@@ -271,6 +456,26 @@ def open_skeleton(storage: "Storage", path: str, *, weights_only: bool = False) 
         except Exception:  # a torn file, or a torch that cannot load to "meta": torch_load decides
             skel = None
         yield skel if skel is not None and skel.simple else None
+
+
+def model_destinations(saved: Any, live: dict) -> dict:
+    """``{id(loaded tensor): live tensor}`` for ``model.load_state_dict(saved)`` when every saved
+    key names a live tensor of the same dtype and shape (else empty: a mismatching checkpoint
+    leaves the model untouched and ``load_state_dict`` reports it). Tensors shared by several
+    keys (tied weights) are read into fresh memory."""
+    if not isinstance(saved, dict):
+        return {}
+    out: dict = {}
+    for key, t in saved.items():
+        dst = live.get(key)
+        if not (isinstance(t, torch.Tensor) and isinstance(dst, torch.Tensor)) or dst.shape != t.shape \
+                or dst.dtype != t.dtype:
+            return {}
+        out[id(t)] = dst
+    owners: dict = {}
+    for dst in out.values():
+        owners[dst.untyped_storage()._cdata] = owners.get(dst.untyped_storage()._cdata, 0) + 1
+    return {k: v for k, v in out.items() if owners[v.untyped_storage()._cdata] == 1}
 
 
 def optimizer_destinations(state: Any, optimizer: Any) -> dict:
@@ -359,7 +564,15 @@ class PlainWriter(RoleWriter):
     def load(self, storage: "Storage", role_dir: str, role: "Role", dist: "DistContext") -> None:
         model = unwrap_model(role.model)
         path = storage.join(role_dir, MODEL_FILE)
-        sd = torch_load(storage, path, weights_only=True, mmap=True)
+        live = model.state_dict()
+        with open_skeleton(storage, path, weights_only=True) if _on_cuda(live) else contextlib.nullcontext() as skel:
+            if skel is None:
+                # on the CPU: the file mapped, load_state_dict copies from the page cache once
+                sd = torch_load(storage, path, weights_only=True, mmap=True)
+            else:
+                # on the GPU: read through pinned buffers straight into the parameters where the
+                # saved tensors match them, instead of pageable memory and a second copy
+                sd = skel.materialize(model_destinations(skel.obj, live))
         strict = not role.exclude_prefixes
         try:
             result = model.load_state_dict(sd, strict=strict)
