@@ -97,6 +97,11 @@ class CheckpointConfig:
     state_dict_type: str = "sharded"
     """FSDP only: ``"sharded"`` (every rank writes its shards, reshardable) or ``"full"``."""
 
+    dcp_thread_count: int = 4
+    """FSDP ``state_dict_type="sharded"`` only: writer threads per rank of each DCP save, hence files per
+    rank (``__{rank}_{i}.distcp``, ``i < dcp_thread_count``). One thread leaves a fast disk idle between
+    writes; 1 is torch's default (one file per rank). Any value loads at any world size. See ``docs/fsdp.md``."""
+
     megatron_optimizer_sharding: str = "fully_reshardable"
     """Megatron ``DistributedOptimizer`` layout: ``"fully_reshardable"`` (loads at any TP/PP/DP; slower save)
     or ``"dp_reshardable"`` (faster; loads only at the same TP/PP). See ``docs/megatron.md``."""
@@ -330,6 +335,12 @@ class CheckpointConfig:
             self.storage_options = dict(self.storage_options)
         if self.state_dict_type not in ("sharded", "full"):
             raise ConfigError(f"state_dict_type={self.state_dict_type!r}: must be 'sharded' or 'full'.")
+        threads = self.dcp_thread_count
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ConfigError(
+                f"dcp_thread_count={threads!r}: must be an integer >= 1 (writer threads, and files, per rank of an "
+                f"FSDP sharded save). Use 1 for one file per rank, or leave it out for the default 4."
+            )
         if self.megatron_optimizer_sharding not in ("fully_reshardable", "dp_reshardable"):
             raise ConfigError(
                 f"megatron_optimizer_sharding={self.megatron_optimizer_sharding!r}: must be 'fully_reshardable' "

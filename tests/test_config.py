@@ -33,6 +33,13 @@ def test_from_dict_and_coerce(tmp_path):
     assert CheckpointConfig.coerce(None).ckpt_interval == 10
 
 
+def test_dcp_thread_count_default_and_value(tmp_path):
+    assert CheckpointConfig().dcp_thread_count == 4
+    path = tmp_path / "c.yaml"
+    path.write_text("trainer:\n  dcp_thread_count: 2\n")
+    assert CheckpointConfig.from_yaml(str(path)).dcp_thread_count == 2
+
+
 @pytest.mark.parametrize("mode,expected", [(None, "none"), ("none", "none"), ("null", "none"), ("latest", "latest")])
 def test_resume_modes(mode, expected):
     assert CheckpointConfig(resume_mode=mode).resume_mode == expected
@@ -106,6 +113,9 @@ BAD = [
     ({"verify_on_resume": "yes"}, ["verify_on_resume", "true or false"]),
     ({"async_save": "yes"}, ["async_save", "yes", "true or false"]),
     ({"megatron_optimizer_sharding": "tp"}, ["megatron_optimizer_sharding", "tp", "fully_reshardable"]),
+    ({"dcp_thread_count": 0}, ["dcp_thread_count", "0", ">= 1", "Use 1"]),
+    ({"dcp_thread_count": "4"}, ["dcp_thread_count", "'4'", "integer"]),
+    ({"dcp_thread_count": True}, ["dcp_thread_count", "True", "integer"]),
 ]
 
 

@@ -31,11 +31,19 @@ WORKER = os.path.join(HERE, "fsdp_worker.py")
 PHASE_TIMEOUT = 150
 
 
-def _run_phase(phase: str, work: str, nproc: int) -> dict[str, Any]:
+def _run_phase(phase: str, work: str, nproc: int, extra_phase: str = "") -> dict[str, Any]:
+    """Run ``fsdp_worker.py PHASE`` on ``nproc`` forked ranks. ``extra_phase``: the name of a phase
+    function of this module (``fn(work, dist, res)``), registered as ``phase`` in the worker first."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     env["PYTHONPATH"] = os.path.dirname(HERE) + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, WORKER]
+    if extra_phase:
+        cmd = [sys.executable, "-c",
+               f"import sys; sys.path.insert(0, {HERE!r}); import fsdp_worker as W; "
+               f"from tests.test_fsdp_writer import {extra_phase} as fn; W.PHASES[{phase!r}] = fn; sys.exit(W.main())",
+               ]
     proc = subprocess.Popen(
-        [sys.executable, WORKER, phase, work, "--nproc", str(nproc)],
+        cmd + [phase, work, "--nproc", str(nproc)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, env=env,
     )
     try:
@@ -142,6 +150,14 @@ def test_bad_state_dict_type_is_a_config_error():
     with pytest.raises(ConfigError, match="state_dict_type"):
         F.FSDPWriter(state_dict_type="local")
     assert F.FSDPWriter("full").state_dict_type == "full"
+
+
+def test_dcp_thread_count_default_and_bad_values():
+    assert F.FSDPWriter().dcp_thread_count == F.DEFAULT_DCP_THREAD_COUNT == 4
+    for bad in (0, -2, 1.5, "4", True):
+        with pytest.raises(ConfigError, match="dcp_thread_count") as info:
+            F.FSDPWriter(dcp_thread_count=bad)
+        assert repr(bad) in str(info.value) and ">= 1" in str(info.value)
 
 
 # --------------------------------------------------------------------------- sharded layout
@@ -267,3 +283,108 @@ def test_hf_export_streams_one_tensor_at_a_time(runs):
 
 def test_shared_storage_check(runs):
     check(runs, "shared_storage_ok", "shared_storage_not_shared")
+
+
+# --------------------------------------------------------------------------- writer threads
+THREADS = 3
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the helper thread's own report
+def test_failure_on_a_dcp_writer_thread_fails_the_save(tmp_path):
+    """DCP's helper writer threads lose their exceptions (pytorch/pytorch#191391): without a check the
+    save returned normally and wrote a .metadata naming entries no file holds. One unpicklable entry
+    lands in one of 4 files, written by whichever thread takes it (mostly a helper thread)."""
+    from skyrl_callbacks.errors import StorageError
+
+    st = Storage(str(tmp_path))
+    for trial in range(3):
+        state = {f"t{i}": torch.full((64,), float(i)) for i in range(8)}
+        state["extra"] = {"hook": lambda: None}  # torch.save cannot pickle it
+        with pytest.raises(StorageError, match="writing the sharded checkpoint failed") as info:
+            F._dcp_save(state, st, str(tmp_path / f"t{trial}.dcp"), None, 4)
+        assert "PicklingError" in str(info.value) or "pickle" in str(info.value), str(info.value)
+
+
+def phase_threads(work: str, dist, res) -> None:
+    """World size 2 (run by :func:`threads` through fsdp_worker's plumbing): a sharded save through
+    CheckpointManager with ``dcp_thread_count=3``, loaded back at 2 (checksums verified)."""
+    from fsdp_worker import STEPS, build_fsdp2, gathered_state, make_role, train
+
+    from skyrl_callbacks.manager import CheckpointManager
+
+    role = make_role(build_fsdp2(seed=0).policy)
+    train(role, STEPS)
+    ref = gathered_state(role, dist)
+    if dist.is_main:
+        torch.save(ref, os.path.join(work, "ref_threads.pt"))
+    mgr = CheckpointManager({"ckpt_path": os.path.join(work, "ckpts"), "export_path": os.path.join(work, "exports"),
+                             "dcp_thread_count": THREADS, "verify_on_resume": True}, dist)
+
+    def _save_load():
+        mgr.save(STEPS, [role])
+        w = mgr.writer_for(role)
+        res.add("threads_writer", isinstance(w, F.FSDPWriter) and w.dcp_thread_count == THREADS, repr(w))
+        fresh = make_role(build_fsdp2(seed=123).policy)
+        mgr.load([fresh], mgr.step_dir(STEPS))
+        res.same("threads_2to2", gathered_state(fresh, dist), ref)
+
+    try:
+        res.run("threads_2to2", _save_load)
+    finally:
+        mgr.close()
+
+
+@pytest.fixture(scope="module")
+def threads(tmp_path_factory):
+    work = str(tmp_path_factory.mktemp("fsdp_threads"))
+    info = _run_phase("threads", work, 2, extra_phase="phase_threads")
+    return {"work": work, "phases": {"threads": info}, "results": info["results"],
+            "step_dir": os.path.join(work, "ckpts", "global_step_3")}
+
+
+def test_dcp_thread_count_files_manifest_and_roundtrip(threads):
+    from skyrl_callbacks.manifest import read_manifest, verify_dir
+    from skyrl_callbacks.storage import MANIFEST_FILE
+
+    info = threads["phases"]["threads"]
+    assert info["rc"] == 0 and not info["leaked"], info["log"]
+    check(threads, "threads_writer", "threads_2to2")
+    st = Storage(threads["work"])
+    step_dir = threads["step_dir"]
+    policy = os.path.join(step_dir, "policy")
+    for sub in (F.MODEL_DCP_DIR, F.OPTIMIZER_DCP_DIR):
+        names = sorted(os.listdir(os.path.join(policy, sub)))
+        want = sorted([".metadata"] + [f"__{r}_{i}.distcp" for r in range(2) for i in range(THREADS)])
+        assert names == want, (sub, names)
+    # every file on disk (all ranks' shards) is in the manifest with size and checksum, and verifies
+    manifest = read_manifest(st, step_dir)
+    on_disk = set(st.walk_files(step_dir)) - {MANIFEST_FILE}
+    listed = set(manifest["files"])
+    assert listed == on_disk, sorted(listed ^ on_disk)
+    assert len([f for f in listed if f.endswith(".distcp")]) == 2 * 2 * THREADS
+    assert all(manifest["files"][f]["hash"] for f in listed if f.endswith(".distcp"))
+    assert verify_dir(st, step_dir, checksums=True) == []
+    assert F.FSDPWriter().validate_dir(st, policy) is None
+
+
+def test_dcp_thread_count_checkpoint_loads_at_world_size_1(threads):
+    """The world-size-2, 3-files-per-rank checkpoint into an unsharded model, one process, no group."""
+    sys.path.insert(0, HERE)
+    try:
+        from fsdp_worker import MLP, make_role
+    finally:
+        sys.path.remove(HERE)
+    from skyrl_callbacks.dist import DistContext
+
+    check(threads, "threads_2to2")
+    ref = torch.load(os.path.join(threads["work"], "ref_threads.pt"), weights_only=False)
+    role = make_role(MLP())
+    F.FSDPWriter().load(Storage(threads["work"]), os.path.join(threads["step_dir"], "policy"), role, DistContext())
+    assert not torch.distributed.is_initialized()
+    for k, v in ref["model"].items():
+        assert torch.equal(role.model.state_dict()[k], v), k
+    osd = role.optimizers[0].state_dict()
+    for i, (name, _) in enumerate(role.model.named_parameters()):
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(osd["state"][i][key], ref["optim"]["state"][name][key]), (name, key)
+    assert role.schedulers[0].state_dict() == ref["sched"][0]

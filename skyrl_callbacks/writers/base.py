@@ -124,7 +124,10 @@ def select_writer(model: Any, config: Any = None) -> RoleWriter:
     except ImportError:  # pragma: no cover - the fsdp writer ships with the package
         fsdp = None  # type: ignore[assignment]
     if fsdp is not None and fsdp.is_fsdp_model(model):
-        return fsdp.FSDPWriter(state_dict_type=getattr(config, "state_dict_type", "sharded"))
+        return fsdp.FSDPWriter(
+            state_dict_type=getattr(config, "state_dict_type", "sharded"),
+            dcp_thread_count=getattr(config, "dcp_thread_count", fsdp.DEFAULT_DCP_THREAD_COUNT),
+        )
     try:
         from skyrl_callbacks.writers import megatron
     except ImportError:  # pragma: no cover

@@ -7,7 +7,7 @@ Layout of one role directory (``global_step_N/policy/``), see ``docs/fsdp.md``:
     fsdp_config.json            rank 0: strategy, world size, layout, format version
     model_state.dcp/            torch.distributed.checkpoint directory of the model
         .metadata               rank 0 (DCP coordinator)
-        __{rank}_0.distcp       one per rank: that rank's shards
+        __{rank}_{i}.distcp     that rank's shards, i < dcp_thread_count (one file per writer thread)
     optimizer_state.dcp/        same, for {"optimizer_0": ..., "optimizer_1": ...}
     lr_scheduler_state.pt       rank 0: scheduler state_dict (plain torch.save)
 
@@ -44,7 +44,7 @@ from skyrl_callbacks.errors import (
     IncompatibleCheckpointError,
     StorageError,
 )
-from skyrl_callbacks.staging import _is_dtensor, _is_sharded_tensor
+from skyrl_callbacks.staging import Stager, _is_dtensor, _is_sharded_tensor
 from skyrl_callbacks.writers.base import (
     MODEL_FILE,
     OPTIMIZER_FILE,
@@ -76,6 +76,7 @@ __all__ = [
     "OPTIMIZER_DCP_DIR",
     "FORMAT_VERSION",
     "STATE_DICT_TYPES",
+    "DEFAULT_DCP_THREAD_COUNT",
 ]
 
 FSDP_CONFIG_FILE = "fsdp_config.json"
@@ -84,6 +85,8 @@ OPTIMIZER_DCP_DIR = "optimizer_state.dcp"
 #: version of the layout described in this module (``fsdp_config.json["format_version"]``)
 FORMAT_VERSION = 1
 STATE_DICT_TYPES = ("sharded", "full")
+#: writer threads (and files) per rank of a sharded save (``CheckpointConfig.dcp_thread_count``)
+DEFAULT_DCP_THREAD_COUNT = 4
 SHARED_MARKER_PREFIX = ".skyrl-shared-storage-check-"
 CONVERT_HINT = "skyrl-ckpt convert CKPT_DIR OUT"
 
@@ -174,6 +177,11 @@ def _local_device(value: torch.Tensor) -> torch.device:
             return shards[0].tensor.device
         return torch.device("cpu")
     return value.device
+
+
+def _holds_cuda(tree: Any) -> bool:
+    """Some tensor leaf of ``tree`` (a DTensor's or ShardedTensor's local shard) lives on a GPU."""
+    return any(_local_device(t).type == "cuda" for _, t in _walk_tensors(tree))
 
 
 def _group_rank0(dist: "DistContext") -> int:
@@ -361,6 +369,11 @@ def _hashing_filesystem(storage: "Storage") -> Any:
     from torch.distributed.checkpoint.filesystem import FileSystem
 
     class _HashingFileSystem(FileSystem):
+        def __init__(self) -> None:
+            super().__init__()
+            #: what failed inside a written file (DCP's writer threads lose their exceptions)
+            self.errors: list[str] = []
+
         @contextlib.contextmanager
         def create_stream(self, path: Any, mode: str) -> Iterator[Any]:
             with super().create_stream(path, mode) as stream:
@@ -368,11 +381,42 @@ def _hashing_filesystem(storage: "Storage") -> Any:
                     yield stream
                     return
                 hs = _HashingStream(stream)
-                yield hs
+                try:
+                    yield hs
+                except BaseException as exc:
+                    self.errors.append(f"{os.path.basename(os.fspath(path))}: {_short(exc, 300)}")
+                    raise
             if hs.valid and not os.fspath(path).endswith(".tmp"):  # .metadata is written as a temp + rename
                 storage._remember(os.fspath(path), hs.size, hs.algo, hs.digest)
 
     return _HashingFileSystem()
+
+
+def _fail_on_lost_writes(writer: Any) -> None:
+    """Make ``writer.write_data`` raise unless every item of the rank's plan was written.
+
+    With ``thread_count > 1`` DCP's FileSystemWriter/FsspecWriter write on helper threads whose
+    exceptions are lost (printed by ``threading.excepthook``; torch 2.13, pytorch/pytorch#191391):
+    the save would return normally, ``.metadata`` would list items that no file holds, and the
+    checkpoint would fail only when loaded. A missing result fails this rank's write step, which
+    DCP reports on every rank.
+    """
+    inner = writer.write_data
+
+    def write_data(plan: Any, planner: Any) -> Any:
+        fut = inner(plan, planner)
+        done = {result.index for result in fut.wait()}
+        lost = [item.index.fqn for item in plan.items if item.index not in done]
+        if lost:
+            errors = getattr(getattr(writer, "fs", None), "errors", None)
+            cause = errors[0] if errors else "see the traceback on stderr"
+            raise StorageError(
+                f"a checkpoint writer thread failed ({cause}); {len(lost)} of {len(plan.items)} entries of this "
+                f"rank were not written (e.g. {lost[:3]})."
+            )
+        return fut
+
+    writer.write_data = write_data
 
 
 def _dcp_writer(storage: "Storage", path: str, thread_count: int = 1):
@@ -385,11 +429,14 @@ def _dcp_writer(storage: "Storage", path: str, thread_count: int = 1):
 
         if type(getattr(writer, "fs", None)) is FileSystem:  # DCP's own local file system: wrap it
             writer.fs = _hashing_filesystem(storage)
-        return writer
-    from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+    else:
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
-    return FsspecWriter(path, single_file_per_rank=True, sync_files=False, thread_count=thread_count,
-                        **storage.storage_options)
+        writer = FsspecWriter(path, single_file_per_rank=True, sync_files=False, thread_count=thread_count,
+                              **storage.storage_options)
+    if thread_count > 1:
+        _fail_on_lost_writes(writer)
+    return writer
 
 
 def _dcp_reader(storage: "Storage", path: str):
@@ -415,7 +462,7 @@ def _dcp_save(state: dict, storage: "Storage", path: str, dist: Optional["DistCo
     except BaseException as exc:  # DCP raises CheckpointException, a BaseException, on every rank
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
-        raise StorageError(f"{path}: writing the sharded checkpoint failed: {_short(exc)}") from exc
+        raise StorageError(f"{path}: writing the sharded checkpoint failed: {_dcp_failures(exc)}") from exc
 
 
 def _dcp_load(state: dict, storage: "Storage", path: str, dist: Optional["DistContext"]) -> None:
@@ -441,6 +488,18 @@ def _dcp_load(state: dict, storage: "Storage", path: str, dist: Optional["DistCo
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
         raise CorruptCheckpointError(f"{path}: reading the sharded checkpoint failed: {_short(exc)}") from exc
+
+
+def _dcp_failures(exc: BaseException) -> str:
+    """What failed, per rank, for DCP's CheckpointException (whose text starts with tracebacks)."""
+    failures = getattr(exc, "failures", None)
+    if not isinstance(failures, dict) or not failures:
+        return _short(exc)
+    parts = []
+    for rank, wrapped in sorted(failures.items()):
+        inner = wrapped[0] if isinstance(wrapped, tuple) and wrapped else wrapped
+        parts.append(f"rank {rank}: {_short(inner, 400) if isinstance(inner, BaseException) else inner}")
+    return "; ".join(parts)
 
 
 def _short(exc: BaseException, limit: int = 600) -> str:
@@ -842,7 +901,8 @@ class FSDPWriter(RoleWriter):
         state_dict_type: ``"sharded"`` (default): every rank writes its shards through
             ``torch.distributed.checkpoint``; loads at any world size. ``"full"``: rank 0 writes
             SkyRL's single ``model_state.pt`` / ``optimizer_state.pt`` (gathered tensor by tensor).
-        dcp_thread_count: writer threads per rank for the sharded layout (one file per thread).
+        dcp_thread_count: writer threads per rank of each DCP save of the sharded layout, hence
+            files per rank (``__{rank}_{i}.distcp``, ``i < dcp_thread_count``); default 4.
 
     After loading a SkyRL native checkpoint, :attr:`native_extra_state` holds this rank's
     ``extra_state_world_size_W_rank_R.pt`` (its ``"rng"`` entry is SkyRL's per-rank RNG state).
@@ -850,24 +910,40 @@ class FSDPWriter(RoleWriter):
 
     kind = "fsdp"
 
-    def __init__(self, state_dict_type: str = "sharded", *, dcp_thread_count: int = 1) -> None:
+    def __init__(self, state_dict_type: str = "sharded", *, dcp_thread_count: int = DEFAULT_DCP_THREAD_COUNT) -> None:
         if state_dict_type not in STATE_DICT_TYPES:
             raise ConfigError(
                 f"state_dict_type={state_dict_type!r}: expected one of {STATE_DICT_TYPES}. "
                 f"'sharded' writes per-rank shards (reshardable), 'full' writes single files from rank 0."
             )
-        if int(dcp_thread_count) < 1:
-            raise ConfigError(f"dcp_thread_count={dcp_thread_count!r}: expected an integer >= 1.")
+        if isinstance(dcp_thread_count, bool) or not isinstance(dcp_thread_count, int) or dcp_thread_count < 1:
+            raise ConfigError(
+                f"dcp_thread_count={dcp_thread_count!r}: expected an integer >= 1 (writer threads, and files, per "
+                f"rank of a sharded save); 1 writes one file per rank."
+            )
         self.state_dict_type = state_dict_type
-        self.dcp_thread_count = int(dcp_thread_count)
+        self.dcp_thread_count = dcp_thread_count
         self.native_extra_state: Optional[dict] = None
+        self._gpu_stager: Any = None  # pinned host buffers of the sync sharded save (CUDA state only)
 
     def __repr__(self) -> str:
-        return f"FSDPWriter(state_dict_type={self.state_dict_type!r})"
+        return f"FSDPWriter(state_dict_type={self.state_dict_type!r}, dcp_thread_count={self.dcp_thread_count})"
 
     # ------------------------------------------------------------------ save
     def save(self, storage: "Storage", role_dir: str, role: "Role", dist: "DistContext") -> list[str]:
-        return self._write(storage, role_dir, self._collect(role, dist), dist)
+        state = self._collect(role, dist)
+        if self.state_dict_type == "sharded" and _holds_cuda((state["model"], state["optim"])):
+            # DCP's FileSystemWriter copies every GPU shard into fresh pageable host memory on each
+            # save (as PlainWriter.save notes for torch.save); one pass into this writer's warm
+            # pinned buffers runs at PCIe/C2C speed, and DCP then writes host tensors only (as it
+            # does for the async path's snapshot). The buffers (this rank's model and optimizer
+            # shards) are kept for the next save. DCP's planning collectives over ``dist.group``
+            # exchange pickled plans, not tensors, so host tensors under an NCCL group are fine.
+            if self._gpu_stager is None:
+                self._gpu_stager = Stager(pin_memory=True)
+            staged = self._gpu_stager.stage({"model": state["model"], "optim": state["optim"]})
+            state = {**state, "model": staged["model"], "optim": staged["optim"]}
+        return self._write(storage, role_dir, state, dist)
 
     # async: the sharded layout stages this rank's shards (DTensor/ShardedTensor local pieces) and
     # writes them through DCP over the background group; the full layout gathers in the
