@@ -1482,7 +1482,9 @@ def _model_entries(st: Storage, role_dir: str, files: dict[str, int], tmp: str,
 
 
 def _dcp_ranks(files: dict[str, int]) -> int:
-    return len([f for f in files if f.startswith(MODEL_DCP_DIR + "/") and f.endswith(".distcp")])
+    """Ranks that wrote ``model_state.dcp/`` (each writes ``__{rank}_{i}.distcp``, i < dcp_thread_count)."""
+    names = (f[len(MODEL_DCP_DIR) + 1:] for f in files if f.startswith(MODEL_DCP_DIR + "/"))
+    return len({m.group(1) for m in map(re.compile(r"^__(\d+)_\d+\.distcp$").match, names) if m})
 
 
 def _check_out(out_st: Storage, final: str, overwrite: bool) -> None:

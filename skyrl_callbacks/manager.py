@@ -186,6 +186,9 @@ class CheckpointManager:
                 self._lock.release()
             self._lock_taken = False
             self._stagers.clear()
+            for writer in self._writers.values():
+                if getattr(writer, "_gpu_stager", None) is not None:
+                    writer._gpu_stager = None  # the sync saves' pinned buffers go too
             for handle in self._hooks.values():
                 handle.remove()
             self._hooks.clear()
@@ -417,7 +420,7 @@ class CheckpointManager:
 
         dist.run("prepare role directories", prepare_dirs)
         overlap = self.config.async_overlap_copy
-        stagers = [self._stager(r.name) for r in job.roles]
+        stagers = [self._stager(r) for r in job.roles]
 
         def snapshot() -> list:
             from skyrl_callbacks.staging import deferrable_storages
@@ -567,12 +570,19 @@ class CheckpointManager:
         """An async save has been started and not committed yet."""
         return self._pending is not None
 
-    def _stager(self, name: str) -> Any:
+    def _stager(self, role: "Role") -> Any:
         from skyrl_callbacks.staging import Stager
 
-        if name not in self._stagers:
-            self._stagers[name] = Stager()
-        return self._stagers[name]
+        if role.name not in self._stagers:
+            writer = self.writer_for(role)
+            stager = getattr(writer, "_gpu_stager", None) or Stager()
+            if hasattr(writer, "_gpu_stager"):
+                # one set of pinned buffers per role: a blocking save (preemption, end of fit) reuses
+                # the async saves' warm buffers instead of pinning a second copy of the state when
+                # time is short, and vice versa (never both at once: a save first waits for the last)
+                writer._gpu_stager = stager
+            self._stagers[role.name] = stager
+        return self._stagers[role.name]
 
     def _executor(self) -> Any:
         if self._pool is None:

@@ -304,3 +304,20 @@ def test_overlap_copy_needs_torch_optimizers_and_async_save(tmp_path):
     mgr.save(1, [Role(name="policy", model=role.model)])
     assert mgr._pending.copied.is_set() and mgr._stagers["policy"].deferred_bytes == 0
     mgr.close()
+
+
+def test_blocking_and_async_saves_share_one_set_of_buffers(tmp_path):
+    # the writer stages CUDA state for its sync (blocking) saves into the same Stager the async
+    # saves use, so a save at preemption finds warm pinned buffers instead of pinning a second copy
+    role = make_role()
+    train(role, 1)
+    mgr = CheckpointManager(dict(ckpt_path=str(tmp_path / "ck"), async_save=True, run_lock=False))
+    mgr.save(1, [role])
+    mgr.wait()
+    stager = mgr._stagers["policy"]
+    assert mgr.writer_for(role)._gpu_stager is stager and stager.buffer_bytes > 0
+    train(role, 1)
+    mgr.save(2, [role], blocking=True)
+    assert mgr.writer_for(role)._gpu_stager is stager
+    mgr.close()
+    assert mgr.writer_for(role)._gpu_stager is None and not mgr._stagers  # close frees both
