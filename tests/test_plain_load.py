@@ -91,6 +91,8 @@ def test_reads_into_fresh_memory_for_an_optimizer_without_state(tmp_path, device
     assert len(fresh.optimizers[0].state) == 0
     CheckpointManager(dict(ckpt_path=str(tmp_path / "ck"), resume_mode="latest", run_lock=False)).resume([fresh])
     assert_state_equal(fresh.optimizers[0].state_dict(), ref)
+    for p, st in fresh.optimizers[0].state.items():
+        assert st["exp_avg"].device == p.device and st["exp_avg_sq"].device == p.device
     for a, b in zip(fresh.model.parameters(), role.model.parameters()):
         assert torch.equal(a, b)
     # nothing loaded aliases another entry: every state tensor owns its memory

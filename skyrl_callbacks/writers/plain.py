@@ -481,7 +481,10 @@ def model_destinations(saved: Any, live: dict) -> dict:
 def optimizer_destinations(state: Any, optimizer: Any) -> dict:
     """``{id(loaded tensor): live state tensor}`` for ``optimizer.load_state_dict(state)``: the
     saved parameter indices paired with the live parameters the way ``load_state_dict`` pairs
-    them (group by group, in order). Tensors without a live counterpart are absent."""
+    them (group by group, in order). Where the optimizer has no state yet (a resume at start-up)
+    and the parameter is on a GPU, a floating-point entry other than ``step`` gets a new tensor on
+    the parameter's device, where ``load_state_dict`` would move it anyway (no host copy first).
+    Other tensors without a live counterpart are absent (read into host memory)."""
     out: dict = {}
     try:
         saved_groups, live_groups, saved_state = state["param_groups"], optimizer.param_groups, state["state"]
@@ -492,13 +495,17 @@ def optimizer_destinations(state: Any, optimizer: Any) -> dict:
                 return out
             for idx, param in zip(sg["params"], lg["params"]):
                 saved, live = saved_state.get(idx), optimizer.state.get(param)
-                if not isinstance(saved, dict) or not isinstance(live, dict):
+                if not isinstance(saved, dict):
                     continue
+                live = live if isinstance(live, dict) else {}
                 for key, t in saved.items():
-                    if isinstance(t, torch.Tensor) and isinstance(live.get(key), torch.Tensor) and not (
-                        param.is_floating_point() and key != "step" and live[key].dtype != param.dtype
-                    ):
-                        out[id(t)] = live[key]
+                    if not isinstance(t, torch.Tensor):
+                        continue
+                    if isinstance(live.get(key), torch.Tensor):
+                        if not (param.is_floating_point() and key != "step" and live[key].dtype != param.dtype):
+                            out[id(t)] = live[key]
+                    elif param.is_cuda and param.is_floating_point() and key != "step" and t.dtype == param.dtype:
+                        out[id(t)] = torch.empty(t.shape, dtype=t.dtype, device=param.device)
     except (KeyError, TypeError, AttributeError):
         return {}
     # a live tensor shared by two entries is not a destination (one of them would be overwritten)
