@@ -105,7 +105,7 @@ def _parallel_torch_save(storage: "Storage", path: str, obj: Any, threads: int =
     state. So: ``torch.save`` under ``skip_data`` writes the file with holes where the storages go
     (pickle, zip records and directory: the exact file ``torch.save`` writes, less the data);
     the file is read back to ``meta`` for each storage's offset; the storages' bytes are written
-    into the holes with ``pwrite`` on :data:`_WRITE_THREADS` threads, while another thread
+    into the holes with ``pwrite`` on ``threads`` threads, while another thread
     checksums the file in order for the manifest (no read-back of the data).
     """
     skip_data = getattr(torch.serialization, "skip_data", None)

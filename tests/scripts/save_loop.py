@@ -76,12 +76,12 @@ def install_kill(phase: str, at_step: int) -> None:
 
         orig_ts = plain.torch_save
 
-        def torch_save(storage, path, obj):
+        def torch_save(storage, path, obj, **kw):
             if current["step"] == at_step and path.endswith("optimizer_state.pt"):
                 with storage.open(path, "wb") as fh:
                     fh.write(b"torn")
                 die()
-            return orig_ts(storage, path, obj)
+            return orig_ts(storage, path, obj, **kw)
 
         plain.torch_save = torch_save
 
