@@ -81,19 +81,24 @@ _WRITE_THREADS = 4
 _WRITE_CHUNK = 32 << 20
 
 
-def _cpu_storages(obj: Any, out: list) -> bool:
-    """Append the tensors of ``obj`` to ``out``; False when ``obj`` holds anything but containers,
-    plain values and dense CPU tensors (such trees take the one-stream path)."""
+def _simple_tensors(obj: Any, accept: Any, out: list) -> bool:
+    """Append the tensors of ``obj`` to ``out``; False when ``obj`` holds anything but dicts, lists,
+    tuples, plain values and tensors for which ``accept(tensor)`` holds (such trees take the
+    ordinary ``torch.save`` / ``torch.load`` paths)."""
     if type(obj) is torch.Tensor:
-        if obj.device.type != "cpu" or obj.layout != torch.strided:
+        if not accept(obj):
             return False
         out.append(obj)
         return True
     if type(obj) in (dict, collections.OrderedDict):
-        return all(_cpu_storages(v, out) for v in obj.values())
+        return all(_simple_tensors(v, accept, out) for v in obj.values())
     if type(obj) in (list, tuple):
-        return all(_cpu_storages(v, out) for v in obj)
+        return all(_simple_tensors(v, accept, out) for v in obj)
     return isinstance(obj, _PLAIN_LEAVES)
+
+
+def _dense_cpu(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and t.layout == torch.strided
 
 
 def _parallel_torch_save(storage: "Storage", path: str, obj: Any, threads: int = _WRITE_THREADS) -> bool:
@@ -112,7 +117,7 @@ def _parallel_torch_save(storage: "Storage", path: str, obj: Any, threads: int =
     if not storage.is_local or skip_data is None or not hasattr(os, "pwrite"):
         return False
     tensors: list[torch.Tensor] = []
-    if not _cpu_storages(obj, tensors):
+    if not _simple_tensors(obj, _dense_cpu, tensors):
         return False
     try:
         min_bytes = int(os.environ.get("SKYRL_PARALLEL_WRITE_MIN_BYTES", _PARALLEL_MIN_BYTES))
@@ -135,7 +140,7 @@ def _parallel_torch_save(storage: "Storage", path: str, obj: Any, threads: int =
         except OSError:
             pass
         return False
-    _fill_regions(storage, path, regions, threads)
+    _fill_regions(storage, path, os.path.getsize(path), regions, threads)
     return True
 
 
@@ -181,7 +186,7 @@ def _storage_regions(obj: Any, skeleton: Any, size: int) -> Optional[list]:
     return regions
 
 
-def _fill_regions(storage: "Storage", path: str, regions: list, threads: int = _WRITE_THREADS) -> None:
+def _fill_regions(storage: "Storage", path: str, size: int, regions: list, threads: int = _WRITE_THREADS) -> None:
     """Write each region's bytes at its offset (``pwrite``, several threads) and record the whole
     file's checksum, computed in file order from the skeleton's bytes and the sources."""
     from concurrent.futures import ThreadPoolExecutor
@@ -194,7 +199,6 @@ def _fill_regions(storage: "Storage", path: str, regions: list, threads: int = _
         mv = memoryview(data.numpy())
         chunks += [(offset + i, mv[i:i + _WRITE_CHUNK]) for i in range(0, mv.nbytes, _WRITE_CHUNK)]
     algo = checksum_algo()
-    size = os.path.getsize(path)
 
     def checksum(fd: int) -> str:
         h, pos = _hasher(algo), 0
@@ -316,24 +320,7 @@ class _Skeleton:
     def __init__(self, obj: Any, fh: Any, path: str, size: int) -> None:
         self.obj, self.fh, self.path, self.size = obj, fh, path, size
         self.tensors: list[torch.Tensor] = []
-        self.simple = self._collect(obj)
-
-    def _collect(self, o: Any) -> bool:
-        """Record the meta tensors of ``o``; False when it holds anything but containers, plain
-        values and dense meta tensors (such trees take the ordinary ``torch.load`` path)."""
-        if type(o) is torch.Tensor:
-            if o.device.type != "meta" or o.layout != torch.strided or o.requires_grad:
-                return False
-            offset = getattr(o.untyped_storage(), "_checkpoint_offset", None)
-            if not isinstance(offset, int):
-                return False
-            self.tensors.append(o)
-            return True
-        if type(o) in (dict, collections.OrderedDict):
-            return all(self._collect(v) for v in o.values())
-        if type(o) in (list, tuple):
-            return all(self._collect(v) for v in o)
-        return isinstance(o, _PLAIN_LEAVES)
+        self.simple = _simple_tensors(obj, _located_meta, self.tensors)
 
     def materialize(self, dests: Optional[dict] = None) -> Any:
         """The tree with real CPU tensors, read with large sequential reads in file order.
@@ -393,6 +380,12 @@ class _Skeleton:
         if type(o) in (list, tuple):
             return type(o)(self._rebuild(v, real) for v in o)
         return o
+
+
+def _located_meta(t: torch.Tensor) -> bool:
+    """A dense meta tensor of a loaded skeleton whose storage knows its offset in the file."""
+    return (t.device.type == "meta" and t.layout == torch.strided and not t.requires_grad
+            and isinstance(getattr(t.untyped_storage(), "_checkpoint_offset", None), int))
 
 
 def _fits_in_place(meta: torch.Tensor, live: Any, nbytes: int) -> bool:
@@ -482,10 +475,17 @@ def model_destinations(saved: Any, live: dict) -> dict:
                 or dst.dtype != t.dtype:
             return {}
         out[id(t)] = dst
+    return _unshared(out)
+
+
+def _unshared(dests: dict) -> dict:
+    """``dests`` without the live tensors whose storage two entries would fill (one of them
+    would overwrite the other); those entries are read into fresh memory."""
     owners: dict = {}
-    for dst in out.values():
-        owners[dst.untyped_storage()._cdata] = owners.get(dst.untyped_storage()._cdata, 0) + 1
-    return {k: v for k, v in out.items() if owners[v.untyped_storage()._cdata] == 1}
+    for dst in dests.values():
+        key = dst.untyped_storage()._cdata
+        owners[key] = owners.get(key, 0) + 1
+    return {k: v for k, v in dests.items() if owners[v.untyped_storage()._cdata] == 1}
 
 
 def optimizer_destinations(state: Any, optimizer: Any) -> dict:
@@ -518,11 +518,7 @@ def optimizer_destinations(state: Any, optimizer: Any) -> dict:
                         out[id(t)] = torch.empty(t.shape, dtype=t.dtype, device=param.device)
     except (KeyError, TypeError, AttributeError):
         return {}
-    # a live tensor shared by two entries is not a destination (one of them would be overwritten)
-    seen: dict = {}
-    for k, v in out.items():
-        seen.setdefault(id(v), []).append(k)
-    return {k: v for k, v in out.items() if len(seen[id(v)]) == 1}
+    return _unshared(out)
 
 
 class PlainWriter(RoleWriter):
