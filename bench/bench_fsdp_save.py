@@ -127,6 +127,11 @@ def main() -> int:
     ap.add_argument("--cpu", action="store_true", help="gloo on the CPU (a smoke test of this script)")
     args = ap.parse_args()
     rank, world, device = init_dist(args.cpu)
+    if os.environ.get("SKYRL_BENCH_LOG") and rank == 0:  # the manager's per-save phases (write, commit, retention)
+        import logging
+
+        logging.basicConfig(level=logging.DEBUG, format="[rank0] %(message)s")
+        logging.getLogger().handlers[0].addFilter(lambda rec: rec.name.startswith("skyrl_callbacks"))
     model, opt = build(args.params_b, device)
     loc = local_tensors(model, opt)
     host = [t.cpu() for t in loc]
@@ -210,7 +215,8 @@ def main() -> int:
             drop_cache(step_dir)
         dist.barrier()
         t_load = timed(lambda: mgr_sync.load([role], step_dir))
-        if r == 0:
+        if r == 0:  # the first saves of the process: their buffers are allocated (and pinned) here
+            first = {"ours": t_ours, "ours async stall": stall_ours, "pinned copy": pc}
             continue
         add("raw", stall=raw, total=raw, raw=raw, read=rd)
         add("pinned copy", stall=pc, total=pc, raw=raw)
@@ -257,6 +263,9 @@ def main() -> int:
             if name == "raw":
                 rd = med([x["read"] for x in rs])
                 print(f"| raw read (cold) | - | {rd:.3f} | {total_bytes / 1e9 / rd:.2f} | {my_bytes / 1e9 / rd:.2f} | - | - |")
+        print(f"first save of the process (round 0, cold buffers): ours sync {first['ours']:.3f} s, "
+              f"ours async stall {first['ours async stall']:.3f} s (= {first['ours async stall'] / first['pinned copy']:.1f}x "
+              f"that round's pinned copy, {first['pinned copy']:.3f} s)")
     dist.barrier()
     if rank == 0:
         shutil.rmtree(work, ignore_errors=True)

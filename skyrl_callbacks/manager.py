@@ -377,8 +377,11 @@ class CheckpointManager:
         nbytes = dist.run_on_main("commit", commit)
         nbytes = dist.broadcast(nbytes)
         self.last_saved_step = step
+        t_retention = time.perf_counter()
         dist.run_on_main("retention", lambda: self._retention_after_commit(step))
         now = time.perf_counter()
+        logger.debug("checkpoint step %d: commit %.3f s (fsync, manifest, rename, pointer), retention %.3f s",
+                     step, t_retention - t_commit, now - t_retention)
         if blocked:
             total = now - job.t0
             stalled = total

@@ -45,6 +45,23 @@ def _is_sharded_tensor(value: Any) -> bool:
     return isinstance(value, ShardedTensor)
 
 
+def _dtensor_around(t: Any, local: torch.Tensor) -> Any:
+    """A DTensor with ``t``'s spec (mesh, placements, global shape) whose local tensor is ``local``.
+    Built directly, not by ``t.to("cpu")``/``deepcopy`` (which copy the shard: at 5.6 GiB per rank
+    that was a second full copy in the first async save's stall)."""
+    try:
+        from torch.distributed.tensor import DTensor
+
+        out = DTensor(local, t._spec, requires_grad=False)
+        if out.shape == t.shape and out.dtype == t.dtype and out._local_tensor is local:
+            return out
+    except Exception:  # noqa: BLE001 - a torch whose DTensor constructor differs: copy once, as before
+        pass
+    out = copy.deepcopy(t.detach()) if t.device.type == "cpu" else t.detach().to("cpu")
+    out._local_tensor = local
+    return out
+
+
 def storage_key(t: torch.Tensor) -> tuple:
     """Identity of the memory a tensor (or a DTensor's local shard) lives in."""
     local = getattr(t, "_local_tensor", None)
@@ -204,8 +221,8 @@ class Stager:
         local = self._stage_tensor(t._local_tensor, path + ("<local>",))
         wrapper = self._wrappers.get(path)
         if wrapper is None or wrapper.shape != t.shape or wrapper.placements != t.placements or wrapper.dtype != t.dtype:
-            # One-time: a DTensor with the same spec; its local tensor is swapped for our buffer.
-            wrapper = copy.deepcopy(t.detach()) if t.device.type == "cpu" else t.detach().to("cpu")
+            # One-time: a DTensor with the same spec around our buffer (no copy of the shard)
+            wrapper = _dtensor_around(t, local)
             self._wrappers[path] = wrapper
         wrapper._local_tensor = local
         return wrapper

@@ -204,6 +204,33 @@ def test_stager_reuses_buffers_and_keeps_ties():
     assert stager.buffer_bytes == (16 + 4 + 1) * 4
 
 
+def test_stager_wraps_dtensor_shards_without_copying(tmp_path):
+    """A staged DTensor keeps the source's spec (mesh, placements, global shape) around the stager's
+    buffer itself (built directly; the first async save used to copy every shard once more for it)."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        src = distribute_tensor(torch.arange(12.0).reshape(4, 3), mesh, [Shard(0)])
+        stager = Stager()
+        out = stager.stage({"w": src})["w"]
+        buf = out._local_tensor
+        assert type(out) is type(src) and out.placements == src.placements and out.device_mesh == src.device_mesh
+        assert out.shape == src.shape and out.stride() == src.stride() and torch.equal(out.full_tensor(), src.full_tensor())
+        assert buf.data_ptr() != src._local_tensor.data_ptr() and stager.buffer_bytes == 12 * 4
+        assert buf is next(iter(stager._buffers.values()))  # the wrapper holds the buffer, not a copy of it
+        with torch.no_grad():
+            src._local_tensor.add_(1.0)
+        assert torch.equal(out._local_tensor, torch.arange(12.0).reshape(4, 3))  # a snapshot
+        again = stager.stage({"w": src})["w"]
+        assert again is out and again._local_tensor is buf and torch.equal(buf, src._local_tensor)
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.parametrize("scenario", ["ddp", "fsdp2", "fsdp2_full", "fsdp2_error"])
 def test_two_processes(tmp_path, scenario):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")

@@ -419,12 +419,116 @@ def _fail_on_lost_writes(writer: Any) -> None:
     writer.write_data = write_data
 
 
+class _SkeletonSink:
+    """The file-like ``torch.save`` writes one entry into under ``skip_data``: bytes go to the
+    file, each storage's bytes become a hole (torch seeks past them), recorded as
+    ``(file offset, size)``."""
+
+    def __init__(self, fh: Any) -> None:
+        self._fh = fh
+        self.holes: list[tuple[int, int]] = []
+
+    def write(self, data: Any) -> int:
+        return self._fh.write(data)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        # a relative seek is a hole; anything else is unexpected (the caller checks the holes)
+        self.holes.append((self._fh.tell(), offset) if whence == os.SEEK_CUR else (-1, -1))
+        return self._fh.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._fh.tell()
+
+    def flush(self) -> None:
+        self._fh.flush()
+
+
+def _entry_tensor(data: Any) -> torch.Tensor:
+    """A write item's tensor as DCP's own loader prepares it: host memory, owning its storage."""
+    t = data.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        t = t.clone()
+    return t
+
+
+def _parallel_file_writer(storage: "Storage", path: str, threads: int) -> Any:
+    """DCP's ``FileSystemWriter`` with its data step replaced: each rank writes one file
+    (``__{rank}_0.distcp``), the bytes ``FileSystemWriter(thread_count=1)`` writes (tested
+    byte-identical), with the tensor bytes written by ``threads`` threads.
+
+    DCP's writer ``torch.save``s every entry into a Python stream, one file per thread: one
+    core's page-cache copies per file, and a Python call per write. Here every entry's
+    ``torch.save`` runs under ``skip_data`` (the zip records and pickle, holes where the data
+    goes), then the holes are filled with ``pwrite`` from the host tensors on ``threads``
+    threads while another thread checksums the file in order for the manifest: the plain
+    writer's threaded save (:func:`~skyrl_callbacks.writers.plain._fill_regions`). Any reader of
+    DCP checkpoints reads the result (``.metadata`` holds each entry's offset and length, as
+    always). The file is flushed to disk by the checkpoint's commit, with the others.
+    """
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.planner import WriteItemType
+    from torch.distributed.checkpoint.storage import WriteResult
+    from torch.futures import Future
+
+    from skyrl_callbacks.storage import local_io_error
+    from skyrl_callbacks.writers.plain import _fill_regions
+
+    class _ParallelFileWriter(FileSystemWriter):
+        def write_data(self, plan: Any, planner: Any) -> Any:
+            name = f"{plan.storage_data.prefix}0.distcp"
+            file_path = os.path.join(os.fspath(self.path), name)
+            byte_items = [wi for wi in plan.items if wi.type == WriteItemType.BYTE_IO]
+            tensor_items = [wi for wi in plan.items if wi.type != WriteItemType.BYTE_IO]
+            results, regions, keep = [], [], []
+            skip_data = torch.serialization.skip_data
+            try:
+                with open(file_path, "wb") as fh:
+                    for item in byte_items:
+                        offset = fh.tell()
+                        fh.write(planner.resolve_data(item).getbuffer())
+                        results.append((item, offset, fh.tell() - offset))
+                    for item in tensor_items:
+                        t = _entry_tensor(planner.resolve_data(item))
+                        keep.append(t)
+                        offset = fh.tell()
+                        sink = _SkeletonSink(fh)
+                        with skip_data():
+                            torch.save(t, sink)
+                        nbytes = t.untyped_storage().nbytes()
+                        holes = [h for h in sink.holes if h[1]]
+                        if nbytes and len(holes) == 1 and holes[0][1] == nbytes:
+                            regions.append((holes[0][0], torch.empty(0, dtype=torch.uint8).set_(t.untyped_storage())))
+                        elif nbytes or holes:  # pragma: no cover - a torch whose records differ: one stream
+                            fh.seek(offset)
+                            fh.truncate()
+                            torch.save(t, fh)
+                        results.append((item, offset, fh.tell() - offset))
+                    size = fh.tell()
+            except OSError as exc:
+                raise local_io_error(exc, file_path, "writing") from exc
+            _fill_regions(storage, file_path, size, regions, threads)
+            out = [WriteResult(index=item.index, size_in_bytes=length, storage_data=_StorageInfo(name, offset, length))
+                   for item, offset, length in results]
+            fut: Future = Future()
+            fut.set_result(out)
+            return fut
+
+    return _ParallelFileWriter(path, single_file_per_rank=True, sync_files=False)
+
+
 def _dcp_writer(storage: "Storage", path: str, thread_count: int = 1):
     if storage.is_local:
         from torch.distributed.checkpoint import FileSystemWriter
 
         os.makedirs(path, exist_ok=True)
-        writer = FileSystemWriter(path, single_file_per_rank=True, sync_files=True, thread_count=thread_count)
+        if hasattr(torch.serialization, "skip_data") and hasattr(os, "pwrite"):
+            writer = _parallel_file_writer(storage, path, thread_count)
+            thread_count = 1  # one file per rank, written by our threads (nothing of DCP's to guard)
+        else:  # pragma: no cover - torch < 2.6 or no pwrite: DCP's writer, one file per thread
+            writer = FileSystemWriter(path, single_file_per_rank=True, sync_files=True, thread_count=thread_count)
         from torch.distributed.checkpoint.filesystem import FileSystem
 
         if type(getattr(writer, "fs", None)) is FileSystem:  # DCP's own local file system: wrap it

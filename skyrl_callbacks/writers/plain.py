@@ -10,6 +10,7 @@ import collections
 import contextlib
 import logging
 import os
+import sys
 import threading
 from typing import TYPE_CHECKING, Any, Iterator, Optional
 
@@ -236,6 +237,38 @@ def _pwrite_all(fd: int, mv: memoryview, offset: int) -> None:
         if n == 0:  # pragma: no cover - pwrite(2) returns 0 only for a zero-length request
             raise OSError(f"pwrite wrote nothing at offset {offset + done}")
         done += n
+    if EARLY_WRITEBACK:
+        _start_writeback(fd, offset, mv.nbytes)
+
+
+#: start the disk write of each chunk as soon as it is in the page cache (``sync_file_range``
+#: with ``SYNC_FILE_RANGE_WRITE``, Linux). Without it the kernel starts writing back only past its
+#: dirty threshold (10% of RAM by default, tens of GiB on a training host), so a save copied the
+#: whole state into the cache first and the commit's fsync then waited for the disk: copy time +
+#: disk time. Started early, the two overlap and the fsync finds little left. Env
+#: ``SKYRL_EARLY_WRITEBACK=0`` turns it off.
+EARLY_WRITEBACK = os.environ.get("SKYRL_EARLY_WRITEBACK", "1") != "0"
+_SYNC_FILE_RANGE: list = []  # [libc function or None], resolved once
+
+
+def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Queue the range's dirty pages for writing (does not wait for the disk); a no-op where the
+    call is missing or the file system refuses it."""
+    if not _SYNC_FILE_RANGE:
+        fn = None
+        if sys.platform.startswith("linux"):
+            try:
+                import ctypes
+
+                fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+                fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+                fn.restype = ctypes.c_int
+            except (OSError, AttributeError):  # pragma: no cover - no such libc symbol
+                fn = None
+        _SYNC_FILE_RANGE.append(fn)
+    fn = _SYNC_FILE_RANGE[0]
+    if fn is not None and fn(fd, offset, nbytes, 2) != 0:  # 2 = SYNC_FILE_RANGE_WRITE
+        pass  # e.g. a file system without it: the commit's fsync still makes the file durable
 
 
 def background_write_threads() -> int:
