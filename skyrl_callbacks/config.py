@@ -98,9 +98,10 @@ class CheckpointConfig:
     """FSDP only: ``"sharded"`` (every rank writes its shards, reshardable) or ``"full"``."""
 
     dcp_thread_count: int = 4
-    """FSDP ``state_dict_type="sharded"`` only: writer threads per rank of each DCP save, hence files per
-    rank (``__{rank}_{i}.distcp``, ``i < dcp_thread_count``). One thread leaves a fast disk idle between
-    writes; 1 is torch's default (one file per rank). Any value loads at any world size. See ``docs/fsdp.md``."""
+    """FSDP ``state_dict_type="sharded"`` only: writer threads per rank of each DCP save. On a local disk
+    they write the rank's one file (``__{rank}_0.distcp``); on an object store each writes a file of its
+    own (``__{rank}_{i}.distcp``, ``i < dcp_thread_count``). Any value loads at any world size. See
+    ``docs/fsdp.md``."""
 
     megatron_optimizer_sharding: str = "fully_reshardable"
     """Megatron ``DistributedOptimizer`` layout: ``"fully_reshardable"`` (loads at any TP/PP/DP; slower save)
@@ -338,8 +339,8 @@ class CheckpointConfig:
         threads = self.dcp_thread_count
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ConfigError(
-                f"dcp_thread_count={threads!r}: must be an integer >= 1 (writer threads, and files, per rank of an "
-                f"FSDP sharded save). Use 1 for one file per rank, or leave it out for the default 4."
+                f"dcp_thread_count={threads!r}: must be an integer >= 1 (writer threads per rank of an FSDP "
+                f"sharded save). Use 1 for a single writer thread, or leave it out for the default 4."
             )
         if self.megatron_optimizer_sharding not in ("fully_reshardable", "dp_reshardable"):
             raise ConfigError(

@@ -552,12 +552,16 @@ class Storage:
         if trash is not None:
             self.rm(trash)
 
-    def delete_checkpoint(self, step_dir: str) -> None:
+    def delete_checkpoint(self, step_dir: str, *, remove: Optional[Callable[[str], None]] = None) -> None:
         """Delete a committed checkpoint so that a crash midway never leaves a partial one visible.
 
         Local: one rename to a ``.trash-`` sibling (atomic), then the tree is removed. Object
-        stores: the manifest (the commit marker) goes first, then the objects.
+        stores: the manifest (the commit marker) goes first, then the objects. Once this returns
+        the checkpoint is gone for every reader; ``remove`` (default :meth:`rm`, at once) is
+        handed what is left to delete (the trash directory, the objects), e.g. to delete it in
+        the background: a crash before it is done leaves a leftover that the next save removes.
         """
+        remove = remove or self.rm
         if self.supports_rename:
             parent = os.path.dirname(step_dir.rstrip("/"))
             trash = os.path.join(parent, f"{TRASH_PREFIX}{os.path.basename(step_dir.rstrip('/'))}-{uuid.uuid4().hex[:8]}")
@@ -566,10 +570,10 @@ class Storage:
             except FileNotFoundError:
                 return
             _fsync_dir(parent)
-            self.rm(trash)
+            remove(trash)
             return
         self.rm(self.join(step_dir, MANIFEST_FILE), recursive=False)
-        self.rm(step_dir)
+        remove(step_dir)
 
     def is_committed(self, step_dir: str) -> bool:
         """True when ``step_dir`` is a complete, published checkpoint directory.

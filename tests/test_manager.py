@@ -186,6 +186,39 @@ def test_from_path(tmp_path):
         bad.resume(roles2)
 
 
+def test_retention_retires_at_once_and_deletes_in_the_background(tmp_path, caplog):
+    """The retired checkpoint is gone for every reader when save returns; its bytes are deleted by
+    rank 0's background thread (the commit no longer waits for it); close() waits for that."""
+    import threading
+
+    m, roles = make_roles()
+    mgr = CheckpointManager(cfg(tmp_path, max_ckpts_to_keep=1))
+    ckpts = tmp_path / "ckpts"
+    removed_on: list[str] = []
+    rm = mgr.storage.rm
+
+    def observed_rm(path, *args, **kwargs):  # the real removal, plus which thread ran it
+        removed_on.append((os.path.basename(path), threading.current_thread().name))
+        return rm(path, *args, **kwargs)
+
+    mgr.storage.rm = observed_rm
+    with caplog.at_level("WARNING", logger="skyrl_callbacks"):
+        for step in (1, 2, 3, 4):
+            train(m, roles, 1)
+            mgr.save(step, roles)
+            assert mgr.committed_steps() == [step]
+            assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith("global_step_")) == [f"global_step_{step}"]
+        mgr.close()
+    assert not [p.name for p in ckpts.iterdir() if p.name.startswith((".tmp", ".trash"))]
+    retired = [(name, thread) for name, thread in removed_on if name.startswith(".trash-global_step_")]
+    assert [name.split("-")[1] for name, _ in retired] == ["global_step_1", "global_step_2", "global_step_3"]
+    assert all(thread.startswith("skyrl-retention") for _, thread in retired), removed_on
+    assert not [r for r in caplog.records if r.levelname == "WARNING"], caplog.text
+    _, roles2 = make_roles(1)
+    assert CheckpointManager(cfg(tmp_path)).resume(roles2).step == 4
+    assert torch.equal(roles2[0].model.weight, m.policy.weight)
+
+
 def test_same_step_resave_replaces(tmp_path):
     m, roles = make_roles()
     mgr = CheckpointManager(cfg(tmp_path))

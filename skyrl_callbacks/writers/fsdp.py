@@ -7,7 +7,7 @@ Layout of one role directory (``global_step_N/policy/``), see ``docs/fsdp.md``:
     fsdp_config.json            rank 0: strategy, world size, layout, format version
     model_state.dcp/            torch.distributed.checkpoint directory of the model
         .metadata               rank 0 (DCP coordinator)
-        __{rank}_{i}.distcp     that rank's shards, i < dcp_thread_count (one file per writer thread)
+        __{rank}_0.distcp       that rank's shards (object stores: __{rank}_{i}.distcp, i < dcp_thread_count)
     optimizer_state.dcp/        same, for {"optimizer_0": ..., "optimizer_1": ...}
     lr_scheduler_state.pt       rank 0: scheduler state_dict (plain torch.save)
 
@@ -85,7 +85,7 @@ OPTIMIZER_DCP_DIR = "optimizer_state.dcp"
 #: version of the layout described in this module (``fsdp_config.json["format_version"]``)
 FORMAT_VERSION = 1
 STATE_DICT_TYPES = ("sharded", "full")
-#: writer threads (and files) per rank of a sharded save (``CheckpointConfig.dcp_thread_count``)
+#: writer threads per rank of a sharded save (``CheckpointConfig.dcp_thread_count``)
 DEFAULT_DCP_THREAD_COUNT = 4
 SHARED_MARKER_PREFIX = ".skyrl-shared-storage-check-"
 CONVERT_HINT = "skyrl-ckpt convert CKPT_DIR OUT"
@@ -1005,8 +1005,8 @@ class FSDPWriter(RoleWriter):
         state_dict_type: ``"sharded"`` (default): every rank writes its shards through
             ``torch.distributed.checkpoint``; loads at any world size. ``"full"``: rank 0 writes
             SkyRL's single ``model_state.pt`` / ``optimizer_state.pt`` (gathered tensor by tensor).
-        dcp_thread_count: writer threads per rank of each DCP save of the sharded layout, hence
-            files per rank (``__{rank}_{i}.distcp``, ``i < dcp_thread_count``); default 4.
+        dcp_thread_count: writer threads per rank of each DCP save of the sharded layout (locally
+            they share the rank's one file; on object stores each writes a file); default 4.
 
     After loading a SkyRL native checkpoint, :attr:`native_extra_state` holds this rank's
     ``extra_state_world_size_W_rank_R.pt`` (its ``"rng"`` entry is SkyRL's per-rank RNG state).
@@ -1022,8 +1022,8 @@ class FSDPWriter(RoleWriter):
             )
         if isinstance(dcp_thread_count, bool) or not isinstance(dcp_thread_count, int) or dcp_thread_count < 1:
             raise ConfigError(
-                f"dcp_thread_count={dcp_thread_count!r}: expected an integer >= 1 (writer threads, and files, per "
-                f"rank of a sharded save); 1 writes one file per rank."
+                f"dcp_thread_count={dcp_thread_count!r}: expected an integer >= 1 (writer threads per rank of a "
+                f"sharded save); use 1 for a single writer thread, or leave it out for the default 4."
             )
         self.state_dict_type = state_dict_type
         self.dcp_thread_count = dcp_thread_count
