@@ -359,12 +359,16 @@ class SkyRLCheckpoint(_CallbackBase):
         save = self.manager.should_save(step)
         export = self.manager.should_export(step)
         preempted = self._preemption_requested(trainer) if self.config.preemption_signals else None
+        roles = None
         if save or export or preempted:
             roles = self._roles(trainer, pl_module)
             if save or (preempted and self.manager.last_saved_step != step):
                 self._save(trainer, pl_module, roles, step, blocking=bool(preempted))
             if export:
                 self._export(roles, step)
+        if not save and not preempted and self.manager.wants_prewarm:
+            # after the first optimizer step: the async saves' buffers are allocated in the background
+            self.manager.prewarm(roles or self._roles(trainer, pl_module))
         if preempted:
             self._report(trainer, pl_module, self.manager.wait())
             # The step is committed: stop like a finished run (exit code 0) instead of letting

@@ -155,6 +155,8 @@ class CheckpointManager:
         self._stagers: dict[str, Any] = {}
         self._pool: Any = None
         self._bg_dist: Optional[DistContext] = None
+        self._prewarmed = False
+        self._prewarm_thread: Optional[threading.Thread] = None
         #: rank 0's background deleter of retired checkpoints (retention) and the paths it has queued
         self._reaper: Any = None
         self._reaping: dict[str, Any] = {}
@@ -185,6 +187,9 @@ class CheckpointManager:
         try:
             self.wait()
         finally:
+            if self._prewarm_thread is not None:
+                self._prewarm_thread.join()
+                self._prewarm_thread = None
             if self._lock is not None and self.dist.is_main:
                 self._lock.release()
             self._lock_taken = False
@@ -445,6 +450,7 @@ class CheckpointManager:
             return snaps
 
         job.snaps = dist.run("snapshot", snapshot)
+        self._prewarmed = True  # the buffers exist now
         job.copied = threading.Event()
         job.stagers = [s for s in stagers if s.pending]
         if job.stagers:
@@ -579,6 +585,48 @@ class CheckpointManager:
     def save_in_flight(self) -> bool:
         """An async save has been started and not committed yet."""
         return self._pending is not None
+
+    @property
+    def wants_prewarm(self) -> bool:
+        """:meth:`prewarm` has something left to do (``async_save`` is on and it has not run)."""
+        return bool(self.config.async_save) and not self._prewarmed
+
+    def prewarm(self, roles: list["Role"]) -> bool:
+        """Allocate the async saves' host buffers now, on a background thread, so that the first
+        save copies into warm memory instead of allocating (and, for GPU state, pinning) a copy
+        of the state inside its stall: at 2.9 GiB per rank on an H200 host the first save
+        stalled 3.1 s against 0.075 s for the next ones. The integrations call it once, after
+        the first optimizer step (when optimizer state exists); in a loop of your own call it
+        there too. Collective (every rank, the same step), like a save; the training loop waits
+        only for the state dicts to be listed. Later saves wait for the allocation if it is
+        still running.
+
+        Returns:
+            True when done or nothing is to be done (``async_save`` off, or already prewarmed);
+            False when an optimizer has no state yet (call again after a step).
+        """
+        if not self.wants_prewarm:
+            return True
+        import torch
+
+        for role in roles:
+            for opt in role.optimizers:
+                if isinstance(opt, torch.optim.Optimizer) and not opt.state:
+                    return False
+        jobs: list = []
+
+        def collect() -> None:
+            for role in roles:
+                tree = self.writer_for(role).prewarm_tree(role, self.dist)
+                if tree is not None:
+                    jobs.append((role.name, self._stager(role), tree))
+
+        self.dist.run("prewarm staging buffers", collect)
+        self._prewarmed = True
+        if jobs:
+            self._prewarm_thread = threading.Thread(target=_reserve, args=(jobs,), name="skyrl-prewarm", daemon=True)
+            self._prewarm_thread.start()
+        return True
 
     def _stager(self, role: "Role") -> Any:
         from skyrl_callbacks.staging import Stager
@@ -721,6 +769,13 @@ class CheckpointManager:
                 logger.warning("deleting the retired checkpoint %s failed (%s); a later save removes it", path, exc)
 
         self._reaping[path] = self._reaper.submit(remove)
+
+    def wait_retention(self) -> None:
+        """Wait until the checkpoints retention retired are deleted from the disk or store (rank 0
+        deletes them in the background; other ranks return at once). Not collective."""
+        for fut in list(self._reaping.values()):
+            fut.result()
+        self._being_removed()
 
     def _being_removed(self) -> set:
         """Names (under ``ckpt_path``) the background deleter has not finished with."""
@@ -913,6 +968,18 @@ class CheckpointManager:
                 f"Set resume_mode='none' to start fresh."
             ) from last_error
         return None
+
+
+def _reserve(jobs: list) -> None:
+    """Background thread of :meth:`CheckpointManager.prewarm`."""
+    t0 = time.perf_counter()
+    total = 0
+    for name, stager, tree in jobs:
+        try:
+            total += stager.reserve(tree)
+        except Exception as exc:  # noqa: BLE001 - e.g. pinning refused: the first save allocates instead
+            logger.warning("prewarming the %s staging buffers failed (%s); the first save allocates them", name, exc)
+    logger.info("prewarmed %.1f MB of staging buffers in %.2f s", total / 1e6, time.perf_counter() - t0)
 
 
 def _basename(path: str) -> str:

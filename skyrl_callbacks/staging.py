@@ -21,6 +21,7 @@ copied in ``stage``.
 from __future__ import annotations
 
 import copy
+import threading
 from collections import OrderedDict
 from typing import Any, Optional
 
@@ -111,6 +112,8 @@ class Stager:
         self.last_bytes = 0
         #: bytes of the last :meth:`stage` left to :meth:`finish`
         self.deferred_bytes = 0
+        self._lock = threading.Lock()  # stage() waits for a reserve() running on another thread
+        self._reserving = False
 
     @property
     def buffer_bytes(self) -> int:
@@ -123,11 +126,33 @@ class Stager:
         self._wrappers.clear()
 
     @torch.no_grad()
+    def reserve(self, tree: Any) -> int:
+        """Allocate the buffers :meth:`stage` of this ``tree`` will copy into, without copying:
+        pinned when the source is on a GPU, their pages faulted in otherwise. The first save then
+        copies into warm memory (allocating and pinning several GiB took seconds of the first
+        async save's stall). Meant for a background thread: :meth:`stage` waits for it. Returns
+        the bytes allocated."""
+        with self._lock:
+            before = self.buffer_bytes
+            self._memo = {}
+            self._reserving = True
+            try:
+                self._stage(tree, ())
+            finally:
+                self._reserving = False
+                self._memo = {}
+            return self.buffer_bytes - before
+
+    @torch.no_grad()
     def stage(self, tree: Any) -> Any:
         """A copy of ``tree`` whose tensors live in this stager's host buffers.
 
         The copy is complete when this returns (device-to-host copies are synchronised).
         """
+        with self._lock:
+            return self._stage_locked(tree)
+
+    def _stage_locked(self, tree: Any) -> Any:
         self._memo = {}
         self._async_cuda = False
         self.last_bytes = 0
@@ -203,7 +228,13 @@ class Stager:
         if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
             pin = self.pin_memory and t.is_cuda
             buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin)
+            if self._reserving and not pin:
+                buf.zero_()  # fault the pages in now (pinning already does)
             self._buffers[path] = buf
+        if self._reserving:
+            if key is not None:
+                self._memo[key] = buf
+            return buf
         nbytes = buf.numel() * buf.element_size()
         if self.defer and t.numel() > 0 and storage_key(t) in self.defer:
             self._deferred.append((t, buf))

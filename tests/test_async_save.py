@@ -348,3 +348,38 @@ def test_blocking_and_async_saves_share_one_set_of_buffers(tmp_path):
     assert mgr.writer_for(role)._gpu_stager is stager
     mgr.close()
     assert mgr.writer_for(role)._gpu_stager is None and not mgr._stagers  # close frees both
+
+
+def test_prewarm_allocates_the_buffers_the_first_save_copies_into(tmp_path):
+    """prewarm (after the first optimizer step) allocates the async buffers on a background thread;
+    the first save then copies into those very buffers and its checkpoint holds the saved step."""
+    role = make_role()
+    mgr = CheckpointManager(cfg(tmp_path))
+    assert mgr.wants_prewarm
+    assert mgr.prewarm([role]) is False  # no optimizer state before the first step: nothing to size yet
+    assert mgr.wants_prewarm and mgr._stagers == {}
+    train(role, 1)
+    assert mgr.prewarm([role]) is True and not mgr.wants_prewarm
+    mgr._prewarm_thread.join()
+    stager = mgr._stagers["policy"]
+    reserved = {path: buf for path, buf in stager._buffers.items()}
+    state_bytes = sum(t.numel() * t.element_size() for t in role.model.state_dict().values())
+    state_bytes += sum(t.numel() * t.element_size() for st in role.optimizers[0].state.values() for t in st.values())
+    assert stager.buffer_bytes == state_bytes  # model + AdamW state (+ the step scalars)
+    expected = snapshot_of(role)
+    mgr.save(1, [role])
+    assert set(stager._buffers) == set(reserved)
+    assert all(stager._buffers[path] is buf for path, buf in reserved.items())  # the very buffers, no new ones
+    train(role, 1)  # the live state moves on while the background writes
+    mgr.close()
+    fresh = make_role(seed=1)
+    CheckpointManager(cfg(tmp_path)).load([fresh], str(tmp_path / "ckpts" / "global_step_1"))
+    assert_same(snapshot_of(fresh), expected)
+
+
+def test_prewarm_does_nothing_for_sync_saves(tmp_path):
+    role = make_role()
+    train(role, 1)
+    mgr = CheckpointManager(cfg(tmp_path, async_save=False))
+    assert not mgr.wants_prewarm and mgr.prewarm([role]) is True
+    assert mgr._stagers == {} and mgr._prewarm_thread is None

@@ -208,6 +208,8 @@ def test_retention_retires_at_once_and_deletes_in_the_background(tmp_path, caplo
             mgr.save(step, roles)
             assert mgr.committed_steps() == [step]
             assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith("global_step_")) == [f"global_step_{step}"]
+        mgr.wait_retention()
+        assert not [p.name for p in ckpts.iterdir() if p.name.startswith((".tmp", ".trash"))]
         mgr.close()
     assert not [p.name for p in ckpts.iterdir() if p.name.startswith((".tmp", ".trash"))]
     retired = [(name, thread) for name, thread in removed_on if name.startswith(".trash-global_step_")]

@@ -646,6 +646,8 @@ def step(callback: Any, step: Optional[int] = None) -> Optional[SaveResult]:
         result = _save(callback, binding, current, blocking=bool(preempted))
     if manager.should_export(current):
         _export(callback, binding, current)
+    if result is None and not preempted and manager.wants_prewarm:
+        manager.prewarm(binding.roles)  # the async saves' buffers, allocated in the background
     if preempted:
         loop = callback.loop_state
         loop.preempted = preempted

@@ -64,6 +64,12 @@ class RoleWriter(ABC):
         """Foreground, collective: this rank's state of ``role`` copied into ``stager``'s buffers."""
         raise NotImplementedError(f"{type(self).__name__} does not support async_save")
 
+    def prewarm_tree(self, role: "Role", dist: "DistContext") -> Any:
+        """The live tree :meth:`snapshot` will stage (references, no copies), for allocating the
+        async saves' buffers ahead of the first save; None where nothing can be prepared (this
+        rank stages nothing, or the snapshot itself gathers). Collective like ``snapshot``."""
+        return None
+
     def write_snapshot(self, storage: "Storage", role_dir: str, snap: Any, dist: "DistContext") -> list[str]:
         """Background thread: write ``snap`` under ``role_dir``; returns this rank's files (relative)."""
         raise NotImplementedError(f"{type(self).__name__} does not support async_save")

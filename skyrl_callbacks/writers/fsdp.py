@@ -1055,6 +1055,10 @@ class FSDPWriter(RoleWriter):
     def snapshot(self, role: "Role", dist: "DistContext", stager: Any) -> Any:
         return stager.stage(self._collect(role, dist))
 
+    def prewarm_tree(self, role: "Role", dist: "DistContext") -> Any:
+        # the full layout's snapshot gathers (a collective copy): nothing to prepare there
+        return self._collect(role, dist) if self.state_dict_type == "sharded" else None
+
     def write_snapshot(self, storage: "Storage", role_dir: str, snap: Any, dist: "DistContext") -> list[str]:
         return self._write(storage, role_dir, snap, dist)
 

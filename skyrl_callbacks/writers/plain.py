@@ -581,6 +581,9 @@ class PlainWriter(RoleWriter):
     def snapshot(self, role: "Role", dist: "DistContext", stager: Any) -> Any:
         return stager.stage(self._collect(role)) if dist.is_main else None
 
+    def prewarm_tree(self, role: "Role", dist: "DistContext") -> Any:
+        return self._collect(role) if dist.is_main else None
+
     def write_snapshot(self, storage: "Storage", role_dir: str, snap: Any, dist: "DistContext") -> list[str]:
         return [] if snap is None else self._write(storage, role_dir, snap, background_write_threads())
 
