@@ -48,7 +48,7 @@ def worker(mode: str, gib: float, device: str, work: str) -> dict:
     out = {"bytes": nbytes}
     if mode == "prewarmed":
         t0 = time.perf_counter()
-        assert mgr.prewarm([role])
+        mgr.prewarm([role])
         out["prewarm_call"] = time.perf_counter() - t0  # what the training loop waits for
         mgr._prewarm_thread.join()
         out["prewarm_background"] = time.perf_counter() - t0

@@ -99,9 +99,9 @@ class CheckpointConfig:
 
     dcp_thread_count: int = 4
     """FSDP ``state_dict_type="sharded"`` only: writer threads per rank of each DCP save. On a local disk
-    they write the rank's one file (``__{rank}_0.distcp``); on an object store each writes a file of its
-    own (``__{rank}_{i}.distcp``, ``i < dcp_thread_count``). Any value loads at any world size. See
-    ``docs/fsdp.md``."""
+    they write the rank's one file (``__{rank}_0.distcp``; torch >= 2.6); on an object store (or an older
+    torch) each writes a file of its own (``__{rank}_{i}.distcp``, ``i < dcp_thread_count``). Any value
+    loads at any world size. See ``docs/fsdp.md``."""
 
     megatron_optimizer_sharding: str = "fully_reshardable"
     """Megatron ``DistributedOptimizer`` layout: ``"fully_reshardable"`` (loads at any TP/PP/DP; slower save)

@@ -1,10 +1,10 @@
 """Stager: reusable host buffers that hold a consistent copy of training state.
 
 An async save copies the step's state here in the foreground (the only part the training
-loop waits for) and writes the copy in the background. The buffers are allocated at the
-first save and reused by the next ones (a copy into warm memory is several times faster
-than into fresh pages), pinned when the source lives on a GPU so the device-to-host copy
-runs at full PCIe/NVLink-C2C speed.
+loop waits for) and writes the copy in the background. The buffers are allocated ahead of the
+first save (:meth:`Stager.reserve`, from ``CheckpointManager.prewarm``) or by it, and reused by
+the next ones (a copy into warm memory is several times faster than into fresh pages), pinned
+when the source lives on a GPU so the device-to-host copy runs at full PCIe/NVLink-C2C speed.
 
 A staged tree never aliases a live tensor: changing the weights right after ``stage``
 returns does not change the copy. Tensors that share storage in the source (tied weights)

@@ -356,10 +356,9 @@ def test_prewarm_allocates_the_buffers_the_first_save_copies_into(tmp_path):
     role = make_role()
     mgr = CheckpointManager(cfg(tmp_path))
     assert mgr.wants_prewarm
-    assert mgr.prewarm([role]) is False  # no optimizer state before the first step: nothing to size yet
-    assert mgr.wants_prewarm and mgr._stagers == {}
     train(role, 1)
-    assert mgr.prewarm([role]) is True and not mgr.wants_prewarm
+    mgr.prewarm([role])
+    assert not mgr.wants_prewarm
     mgr._prewarm_thread.join()
     stager = mgr._stagers["policy"]
     reserved = {path: buf for path, buf in stager._buffers.items()}
@@ -381,5 +380,26 @@ def test_prewarm_does_nothing_for_sync_saves(tmp_path):
     role = make_role()
     train(role, 1)
     mgr = CheckpointManager(cfg(tmp_path, async_save=False))
-    assert not mgr.wants_prewarm and mgr.prewarm([role]) is True
+    assert not mgr.wants_prewarm
+    mgr.prewarm([role])
     assert mgr._stagers == {} and mgr._prewarm_thread is None
+
+
+def test_prewarm_before_any_optimizer_step_leaves_the_rest_to_the_first_save(tmp_path):
+    """Called too early (no optimizer state yet) it allocates what exists (the model's buffers);
+    the first save allocates the optimizer's and writes the right checkpoint."""
+    role = make_role()
+    mgr = CheckpointManager(cfg(tmp_path))
+    mgr.prewarm([role])
+    mgr._prewarm_thread.join()
+    stager = mgr._stagers["policy"]
+    model_bytes = sum(t.numel() * t.element_size() for t in role.model.state_dict().values())
+    assert stager.buffer_bytes == model_bytes
+    train(role, 1)
+    expected = snapshot_of(role)
+    mgr.save(1, [role])
+    assert stager.buffer_bytes > model_bytes
+    mgr.close()
+    fresh = make_role(seed=1)
+    CheckpointManager(cfg(tmp_path)).load([fresh], str(tmp_path / "ckpts" / "global_step_1"))
+    assert_same(snapshot_of(fresh), expected)

@@ -253,6 +253,40 @@ def test_memory_url_save_resume_retention(mode, tmp_path):
     Storage(url).rm(url)
 
 
+def test_resaving_a_step_whose_old_copy_is_still_being_deleted_waits_for_the_deletion(tmp_path):
+    """Object stores: retention removes a retired checkpoint's objects in the background, in the very
+    directory a new save of that step writes into. A re-save of the step (a rollback) waits for the
+    deletion; otherwise the late delete would remove the new checkpoint's files after its commit."""
+    import threading
+
+    url = f"memory://skyrl-test-resave-{os.getpid()}/run"
+    cfg = dict(ckpt_path=url, max_ckpts_to_keep=1, cloud_upload="stream")
+    m, roles = make()
+    mgr = CheckpointManager(cfg)
+    release = threading.Event()
+    rm = mgr.storage.rm
+
+    def slow_rm(path, *args, **kwargs):  # the real delete; retention's background one held back until released
+        if path.rstrip("/").endswith("global_step_1") and threading.current_thread().name.startswith("skyrl-retention"):
+            release.wait(30)
+        return rm(path, *args, **kwargs)
+
+    mgr.storage.rm = slow_rm
+    train(m, roles)
+    mgr.save(1, roles)
+    mgr.save(2, roles)  # retires step 1: its manifest goes now, its objects in the background (held)
+    assert mgr.committed_steps() == [2]
+    train(m, roles)
+    want = snapshot(m, roles)
+    threading.Timer(0.5, release.set).start()
+    mgr.save(1, roles)  # must not write into global_step_1 before the held delete has run
+    mgr.close()
+    m2, roles2 = make(seed=1)
+    assert CheckpointManager({**cfg, "resume_mode": "from_path", "resume_path": f"{url}/global_step_1"}).resume(roles2).step == 1
+    assert_same(want, snapshot(m2, roles2))
+    Storage(url).rm(url)
+
+
 # --------------------------------------------------------------------------- S3 and GCS
 
 

@@ -127,9 +127,13 @@ def test_resume_continues_at_next_step(tmp_path):
 
 
 @pytest.mark.parametrize("async_save", [False, True])
-def test_save_metrics_reach_the_lightning_logger(tmp_path, async_save):
-    """Each save's numbers (bytes, seconds total/blocked, GB/s) are logged; async saves commit by the end."""
+def test_save_metrics_reach_the_lightning_logger(tmp_path, async_save, caplog):
+    """Each save's numbers (bytes, seconds total/blocked, GB/s) are logged; async saves commit by the end
+    (and their buffers were prewarmed after step 1, before the first save at step 2)."""
     import csv
+    import logging
+
+    caplog.set_level(logging.INFO, logger="skyrl_callbacks")
 
     from lightning.pytorch.loggers import CSVLogger
 
@@ -149,6 +153,8 @@ def test_save_metrics_reach_the_lightning_logger(tmp_path, async_save):
         assert float(r["ckpt/bytes"]) > 0 and float(r["ckpt/seconds_total"]) >= float(r["ckpt/seconds_blocked"]) > 0
         assert float(r["ckpt/gbps"]) > 0
     assert {int(float(r["ckpt/step"])) for r in logged} == {2, 4, 6}
+    prewarmed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("prewarmed ")]
+    assert len(prewarmed) == (1 if async_save else 0), prewarmed
     if async_save:  # the start of each async save logs the time the loop was blocked
         started = {int(float(r["ckpt/async_started_step"])) for r in rows if r.get("ckpt/async_started_step")}
         assert started == {2, 4, 6}, started

@@ -455,8 +455,10 @@ def _entry_tensor(data: Any) -> torch.Tensor:
 
 def _parallel_file_writer(storage: "Storage", path: str, threads: int) -> Any:
     """DCP's ``FileSystemWriter`` with its data step replaced: each rank writes one file
-    (``__{rank}_0.distcp``), the bytes ``FileSystemWriter(thread_count=1)`` writes (tested
-    byte-identical), with the tensor bytes written by ``threads`` threads.
+    (``__{rank}_0.distcp``), the bytes ``FileSystemWriter(thread_count=1)`` writes with its serial
+    loader and the zip CRC off (tested byte-identical; with CUDA available DCP's own loader
+    orders entries by size instead, the same records in another order), with the tensor bytes
+    written by ``threads`` threads.
 
     DCP's writer ``torch.save``s every entry into a Python stream, one file per thread: one
     core's page-cache copies per file, and a Python call per write. Here every entry's
@@ -1058,6 +1060,13 @@ class FSDPWriter(RoleWriter):
     def prewarm_tree(self, role: "Role", dist: "DistContext") -> Any:
         # the full layout's snapshot gathers (a collective copy): nothing to prepare there
         return self._collect(role, dist) if self.state_dict_type == "sharded" else None
+
+    @staticmethod
+    def prewarm_in_foreground(role: "Role") -> bool:
+        """FSDP1's sharded state dicts are clones on the GPU (DSD's ``_create_chunk_dtensor``):
+        a background prewarm would keep them alive, a second copy of the rank's state on the
+        GPU, for the seconds pinning takes. Allocate in the foreground there."""
+        return fsdp_strategy_of(role.model) == "fsdp"
 
     def write_snapshot(self, storage: "Storage", role_dir: str, snap: Any, dist: "DistContext") -> list[str]:
         return self._write(storage, role_dir, snap, dist)
