@@ -438,3 +438,41 @@ def test_dcp_thread_count_checkpoint_loads_at_world_size_1(threads):
         for key in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(osd["state"][i][key], ref["optim"]["state"][name][key]), (name, key)
     assert role.schedulers[0].state_dict() == ref["sched"][0]
+
+
+def test_sharded_reader_reads_whole_entries_in_place_and_deserialises_the_rest(tmp_path, monkeypatch):
+    """Our local DCP reader: entries loaded whole into a matching destination are read straight into
+    it (no deserialisation); others (a non-contiguous layout, byte entries) take the general path; the
+    values are exact either way, and a truncated file is a CorruptCheckpointError naming it."""
+    import torch.distributed.checkpoint as dcp
+
+    from skyrl_callbacks.errors import CorruptCheckpointError
+
+    torch.manual_seed(0)
+    state = {"w": torch.randn(300, 70), "b": torch.randn(70), "bf16": torch.randn(33).bfloat16(),
+             "t": torch.randn(20, 30).t(), "extra": {"x": 1, "s": "hi"}}
+    st = Storage(str(tmp_path))
+    path = str(tmp_path / "ckpt")
+    F._dcp_save(state, st, path, None, 2)
+    direct = {}
+    real = F._direct_read
+
+    def observed(fd, key, req, planner):  # the real function, plus what it decided
+        hit = real(fd, key, req, planner)
+        direct[req.storage_index.fqn] = hit is not None
+        return hit
+
+    monkeypatch.setattr(F, "_direct_read", observed)
+    out = {"w": torch.zeros(300, 70), "b": torch.zeros(70), "bf16": torch.zeros(33, dtype=torch.bfloat16),
+           "t": torch.zeros(30, 20), "extra": {"x": 0, "s": ""}}
+    ptr = out["w"].data_ptr()
+    reader = F._dcp_reader(st, path)
+    assert type(reader).__name__ == "_ParallelFileReader"
+    dcp.load(out, storage_reader=reader, no_dist=True)
+    assert direct == {"w": True, "b": True, "bf16": True, "t": False}, direct
+    assert out["w"].data_ptr() == ptr
+    assert all(torch.equal(out[k], state[k]) for k in ("w", "b", "bf16", "t")) and out["extra"] == state["extra"]
+    data = os.path.join(path, "__0_0.distcp")
+    os.truncate(data, os.path.getsize(data) - 100)
+    with pytest.raises(CorruptCheckpointError, match="__0_0.distcp: ends inside tensor data"):
+        F._dcp_load(out, st, path, None)

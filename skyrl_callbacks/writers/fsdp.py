@@ -26,6 +26,7 @@ that wrote them; :func:`convert_skyrl_native` turns those into the reshardable l
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import math
@@ -521,6 +522,210 @@ def _parallel_file_writer(storage: "Storage", path: str, threads: int) -> Any:
     return _ParallelFileWriter(path, single_file_per_rank=True, sync_files=False)
 
 
+#: stored entries a rank's reader keeps in flight per thread (bounds the host memory of a load)
+_READ_AHEAD_PER_THREAD = 2
+
+
+class _MemoryFile(io.RawIOBase):
+    """A read-only, seekable file over a buffer, without copying it (``io.BytesIO`` copies a
+    bytearray; ``torch.load`` then copies each record once, through ``readinto``)."""
+
+    def __init__(self, buf: Any) -> None:
+        super().__init__()
+        self._mv = memoryview(buf).cast("B")
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        out = memoryview(b).cast("B")
+        n = max(0, min(out.nbytes, self._mv.nbytes - self._pos))
+        out[:n] = self._mv[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._mv.nbytes}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
+class _FileWindow(io.RawIOBase):
+    """A read-only, seekable file over ``[start, start + length)`` of an open descriptor (``pread``:
+    no shared file position, so reader threads may use the descriptor at the same time)."""
+
+    def __init__(self, fd: int, start: int, length: int) -> None:
+        super().__init__()
+        self._fd, self._start, self._length, self._pos = fd, start, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        out = memoryview(b).cast("B")
+        n = max(0, min(out.nbytes, self._length - self._pos))
+        if n == 0:
+            return 0
+        got = os.preadv(self._fd, [out[:n]], self._start + self._pos)
+        self._pos += got
+        return got
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
+def _direct_read(fd: int, key: tuple, req: Any, planner: Any) -> Optional[tuple]:
+    """``(destination, file offset of the tensor bytes, nbytes)`` when the stored entry ``key`` is a
+    dense tensor that ``req`` loads whole into a destination of the same dtype and shape (a load at
+    the world size that saved it): its bytes can go straight from the file into the destination.
+    None otherwise (the caller deserialises the entry). Reads only the entry's zip records and
+    pickle (``map_location="meta"``), never its data."""
+    _rel, offset, length = key
+    try:
+        meta = torch.load(_FileWindow(fd, offset, length), map_location="meta", weights_only=True)
+    except Exception:  # noqa: BLE001 - anything unusual: the general path decides
+        return None
+    if type(meta) is not torch.Tensor or meta.device.type != "meta":
+        return None
+    record = getattr(meta.untyped_storage(), "_checkpoint_offset", None)
+    nbytes = meta.numel() * meta.element_size()
+    if (not isinstance(record, int) or meta.storage_offset() != 0 or not meta.is_contiguous()
+            or meta.untyped_storage().nbytes() != nbytes or record + nbytes > length or nbytes == 0):
+        return None
+    if any(req.storage_offsets) or list(req.lengths) != list(meta.shape):
+        return None
+    target = planner.resolve_tensor(req).detach()
+    if (target.dtype != meta.dtype or tuple(target.shape) != tuple(meta.shape) or not target.is_contiguous()
+            or target.device.type not in ("cpu", "cuda")):
+        return None
+    return target, offset + record, nbytes
+
+
+def _parallel_file_reader(path: str, threads: int) -> Any:
+    """DCP's ``FileSystemReader`` with its data step replaced (local checkpoints).
+
+    DCP reads every entry through one Python file object, one after another, into a fresh host
+    tensor that is then copied into the destination: the disk waits while each entry is
+    unpickled and copied. Here:
+
+    * an entry loaded whole into a destination of the same dtype and shape (a load at the world
+      size that saved it) is located from its zip records (:func:`_direct_read`, no data read)
+      and its bytes are read straight into the destination with ``pread`` (through a per-thread
+      pinned buffer for a GPU), in 32 MiB reads on ``threads`` threads, as the plain writer's
+      loader does;
+    * any other entry (resharding slices, byte entries, non-contiguous layouts) is read with
+      ``pread`` on the same threads, at most ``threads * _READ_AHEAD_PER_THREAD`` ahead, while
+      this thread deserialises it and copies the requested slices, as DCP does; an entry that
+      several requests slice is read once.
+
+    Entries with storage transforms (DCP extensions) go through DCP's own code.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from torch.distributed._shard._utils import narrow_tensor_by_index
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.planner import LoadItemType
+    from torch.futures import Future
+
+    from skyrl_callbacks.writers.plain import _READ_CHUNK, _pread_into, _read_chunk
+
+    class _ParallelFileReader(FileSystemReader):
+        def read_data(self, plan: Any, planner: Any) -> Any:
+            if any(self.storage_data[req.storage_index].transform_descriptors for req in plan.items):
+                return super().read_data(plan, planner)
+            entries: dict[tuple, list] = {}
+            for req in plan.items:
+                md = self.storage_data[req.storage_index]
+                entries.setdefault((md.relative_path, md.offset, md.length), []).append(req)
+            root = os.fspath(self.path)
+            fds: dict[str, int] = {}
+            try:
+                for rel in sorted({key[0] for key in entries}):
+                    file_path = os.path.join(root, rel)
+                    try:
+                        fds[rel] = os.open(file_path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                    except OSError as exc:
+                        raise CorruptCheckpointError(f"{file_path}: cannot be opened ({exc}).") from exc
+
+                def fetch(key: tuple) -> Any:
+                    rel, offset, length = key
+                    buf = torch.empty(length, dtype=torch.uint8)  # not zero-filled, unlike bytearray
+                    _pread_into(fds[rel], memoryview(buf.numpy()), offset, os.path.join(root, rel))
+                    return buf.numpy()
+
+                # entries loaded whole into a matching destination: their bytes straight into it
+                # (through a pinned buffer for a GPU), in 32 MiB reads on every thread
+                direct, order = [], []
+                for key in sorted(entries):
+                    hit = None
+                    if len(entries[key]) == 1 and entries[key][0].type != LoadItemType.BYTE_IO:
+                        hit = _direct_read(fds[key[0]], key, entries[key][0], planner)
+                    if hit is None:
+                        order.append(key)
+                    else:
+                        direct.append((key, hit))
+                chunks = []
+                for key, (target, offset, nbytes) in direct:
+                    flat = target.reshape(-1).view(torch.uint8)
+                    if target.is_cuda:
+                        chunks += [(key, offset + i, flat[i:i + _READ_CHUNK]) for i in range(0, nbytes, _READ_CHUNK)]
+                    else:
+                        mv = memoryview(flat.numpy())
+                        chunks += [(key, offset + i, mv[i:i + _READ_CHUNK]) for i in range(0, nbytes, _READ_CHUNK)]
+                window = max(1, threads) * _READ_AHEAD_PER_THREAD
+                with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="skyrl-dcp-read") as pool:
+                    reads = [pool.submit(_read_chunk, fds[key[0]], dst, offset, os.path.join(root, key[0]))
+                             for key, offset, dst in chunks]
+                    pending = [pool.submit(fetch, key) for key in order[:window]]
+                    for i, key in enumerate(order):
+                        buf = pending[i].result()
+                        pending[i] = None  # type: ignore[call-overload]
+                        if i + window < len(order):
+                            pending.append(pool.submit(fetch, order[i + window]))
+                        for req in entries[key]:
+                            if req.type == LoadItemType.BYTE_IO:
+                                planner.load_bytes(req, io.BytesIO(buf.tobytes()))
+                                continue
+                            tensor = torch.load(_MemoryFile(buf), map_location="cpu", weights_only=True)
+                            tensor = narrow_tensor_by_index(tensor, req.storage_offsets, req.lengths)
+                            target = planner.resolve_tensor(req).detach()
+                            if target.size() != tensor.size():
+                                raise CorruptCheckpointError(
+                                    f"{os.path.join(root, key[0])}: entry {req.storage_index.fqn} has shape "
+                                    f"{tuple(tensor.size())}, the model expects {tuple(target.size())}."
+                                )
+                            target.copy_(tensor)
+                            planner.commit_tensor(req, target)
+                        del buf
+                    for fut in reads:
+                        fut.result()
+                for key, (target, _offset, _nbytes) in direct:
+                    planner.commit_tensor(entries[key][0], target)
+            finally:
+                for fd in fds.values():
+                    os.close(fd)
+            fut: Future = Future()
+            fut.set_result(None)
+            return fut
+
+    return _ParallelFileReader(path)
+
+
 def _dcp_writer(storage: "Storage", path: str, thread_count: int = 1):
     if storage.is_local:
         from torch.distributed.checkpoint import FileSystemWriter
@@ -545,9 +750,11 @@ def _dcp_writer(storage: "Storage", path: str, thread_count: int = 1):
     return writer
 
 
-def _dcp_reader(storage: "Storage", path: str):
+def _dcp_reader(storage: "Storage", path: str, threads: int = DEFAULT_DCP_THREAD_COUNT):
     if storage.is_local:
-        from torch.distributed.checkpoint import FileSystemReader
+        if hasattr(os, "preadv"):
+            return _parallel_file_reader(path, threads)
+        from torch.distributed.checkpoint import FileSystemReader  # pragma: no cover - no preadv (e.g. Windows)
 
         return FileSystemReader(path)
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
@@ -593,7 +800,7 @@ def _dcp_load(state: dict, storage: "Storage", path: str, dist: Optional["DistCo
     except BaseException as exc:
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
-        raise CorruptCheckpointError(f"{path}: reading the sharded checkpoint failed: {_short(exc)}") from exc
+        raise CorruptCheckpointError(f"{path}: reading the sharded checkpoint failed: {_dcp_failures(exc)}") from exc
 
 
 def _dcp_failures(exc: BaseException) -> str:
