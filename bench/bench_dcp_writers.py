@@ -34,6 +34,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from bench.bench_save import fsync_tree  # noqa: E402
+
 CHUNK = 8 << 20
 
 
@@ -52,16 +54,6 @@ def state_of(gib: float, pin: bool) -> dict:
             t.uniform_()
             out[f"layers.{i}.{name}"] = t
     return out
-
-
-def fsync_tree(top: str) -> None:
-    for dirpath, _, files in os.walk(top):
-        for f in files:
-            fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
 
 
 def main() -> int:

@@ -526,44 +526,16 @@ def _parallel_file_writer(storage: "Storage", path: str, threads: int) -> Any:
 _READ_AHEAD_PER_THREAD = 2
 
 
-class _MemoryFile(io.RawIOBase):
-    """A read-only, seekable file over a buffer, without copying it (``io.BytesIO`` copies a
-    bytearray; ``torch.load`` then copies each record once, through ``readinto``)."""
+class _RandomAccessFile(io.RawIOBase):
+    """A read-only, seekable file of ``length`` bytes whose reads are ``_read_at`` calls (no shared
+    position: :class:`_FileWindow` uses ``pread``, so reader threads may share a descriptor)."""
 
-    def __init__(self, buf: Any) -> None:
+    def __init__(self, length: int) -> None:
         super().__init__()
-        self._mv = memoryview(buf).cast("B")
-        self._pos = 0
+        self._length, self._pos = length, 0
 
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def readinto(self, b: Any) -> int:
-        out = memoryview(b).cast("B")
-        n = max(0, min(out.nbytes, self._mv.nbytes - self._pos))
-        out[:n] = self._mv[self._pos:self._pos + n]
-        self._pos += n
-        return n
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._mv.nbytes}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
-
-
-class _FileWindow(io.RawIOBase):
-    """A read-only, seekable file over ``[start, start + length)`` of an open descriptor (``pread``:
-    no shared file position, so reader threads may use the descriptor at the same time)."""
-
-    def __init__(self, fd: int, start: int, length: int) -> None:
-        super().__init__()
-        self._fd, self._start, self._length, self._pos = fd, start, length, 0
+    def _read_at(self, out: memoryview, pos: int) -> int:
+        raise NotImplementedError
 
     def readable(self) -> bool:
         return True
@@ -576,7 +548,7 @@ class _FileWindow(io.RawIOBase):
         n = max(0, min(out.nbytes, self._length - self._pos))
         if n == 0:
             return 0
-        got = os.preadv(self._fd, [out[:n]], self._start + self._pos)
+        got = self._read_at(out[:n], self._pos)
         self._pos += got
         return got
 
@@ -587,6 +559,30 @@ class _FileWindow(io.RawIOBase):
 
     def tell(self) -> int:
         return self._pos
+
+
+class _MemoryFile(_RandomAccessFile):
+    """A file over a buffer, without copying it (``io.BytesIO`` copies a bytearray; ``torch.load``
+    then copies each record once, through ``readinto``)."""
+
+    def __init__(self, buf: Any) -> None:
+        self._mv = memoryview(buf).cast("B")
+        super().__init__(self._mv.nbytes)
+
+    def _read_at(self, out: memoryview, pos: int) -> int:
+        out[:] = self._mv[pos:pos + out.nbytes]
+        return out.nbytes
+
+
+class _FileWindow(_RandomAccessFile):
+    """A file over ``[start, start + length)`` of an open descriptor."""
+
+    def __init__(self, fd: int, start: int, length: int) -> None:
+        super().__init__(length)
+        self._fd, self._start = fd, start
+
+    def _read_at(self, out: memoryview, pos: int) -> int:
+        return os.preadv(self._fd, [out], self._start + pos)
 
 
 def _direct_read(fd: int, key: tuple, req: Any, planner: Any) -> Optional[tuple]:
