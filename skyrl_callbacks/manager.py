@@ -626,7 +626,12 @@ class CheckpointManager:
         self.dist.run("prewarm staging buffers", collect)
         self._prewarmed = True
         if jobs:
-            self._prewarm_thread = threading.Thread(target=_reserve, args=(jobs,), name="skyrl-prewarm", daemon=True)
+            import torch
+
+            # the thread pins on this rank's GPU, not on the default device 0 of a new thread
+            device = torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+            self._prewarm_thread = threading.Thread(target=_reserve, args=(jobs, device), name="skyrl-prewarm",
+                                                    daemon=True)
             self._prewarm_thread.start()
 
     def _stager(self, role: "Role") -> Any:
@@ -971,8 +976,12 @@ class CheckpointManager:
         return None
 
 
-def _reserve(jobs: list) -> None:
-    """Background thread of :meth:`CheckpointManager.prewarm`."""
+def _reserve(jobs: list, device: Optional[int] = None) -> None:
+    """Background thread of :meth:`CheckpointManager.prewarm` (``device``: the rank's CUDA device)."""
+    if device is not None:
+        import torch
+
+        torch.cuda.set_device(device)
     t0 = time.perf_counter()
     total = 0
     for name, stager, tree in jobs:
