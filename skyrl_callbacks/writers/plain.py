@@ -267,8 +267,10 @@ def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
                 fn = None
         _SYNC_FILE_RANGE.append(fn)
     fn = _SYNC_FILE_RANGE[0]
-    if fn is not None and fn(fd, offset, nbytes, 2) != 0:  # 2 = SYNC_FILE_RANGE_WRITE
-        pass  # e.g. a file system without it: the commit's fsync still makes the file durable
+    if fn is not None:
+        # 2 = SYNC_FILE_RANGE_WRITE; a failure (a file system without it) is ignored: the
+        # commit's fsync still makes the file durable
+        fn(fd, offset, nbytes, 2)
 
 
 def background_write_threads() -> int:
