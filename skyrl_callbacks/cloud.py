@@ -75,6 +75,13 @@ __all__ = [
     "DEFAULT_MULTIPART_THRESHOLD",
     "DEFAULT_CHUNK_SIZE",
     "DEFAULT_PART_CONCURRENCY",
+    "DEFAULT_CONNECT_TIMEOUT_S",
+    "DEFAULT_READ_TIMEOUT_S",
+    "S3FS_ATTEMPTS",
+    "network_timeouts",
+    "with_network_defaults",
+    "tune_client",
+    "endpoint_of",
 ]
 
 T = TypeVar("T")
@@ -369,6 +376,88 @@ def retrying(
                 delay,
             )
             sleep(delay)
+
+
+# ---------------------------------------------------------------------------------------
+# Network timeouts
+# ---------------------------------------------------------------------------------------
+
+#: Longest wait for a TCP connection to the store, unless ``storage_options`` sets one.
+DEFAULT_CONNECT_TIMEOUT_S = 10.0
+#: Longest silence while waiting for (a part of) an answer, unless ``storage_options`` sets one.
+#: Sending a request body is not limited by it: a large upload may take as long as it needs.
+DEFAULT_READ_TIMEOUT_S = 20.0
+#: Attempts of one request inside s3fs (botocore's own retries are off): quick faults
+#: (resets, 503s) of one part of a multipart upload are retried there, without
+#: restarting the file.
+S3FS_ATTEMPTS = 3
+
+
+def network_timeouts(deadline_s: float) -> tuple[float, float]:
+    """``(connect, read)`` timeouts, in seconds, for a retry budget of ``deadline_s``.
+
+    ``min(DEFAULT_*_TIMEOUT_S, max(1, deadline_s / (2 * S3FS_ATTEMPTS)))``: a store that
+    accepts connections and never answers costs one attempt at most ``S3FS_ATTEMPTS``
+    read timeouts (plus s3fs's sleeps, 0.6 s), about half the budget, so that
+    :func:`retrying` gives up at most that long after its deadline (docs/cloud.md).
+    """
+    share = max(1.0, float(deadline_s) / (2 * S3FS_ATTEMPTS))
+    return min(DEFAULT_CONNECT_TIMEOUT_S, share), min(DEFAULT_READ_TIMEOUT_S, share)
+
+
+def with_network_defaults(protocol: str, storage_options: Mapping[str, Any], deadline_s: float) -> dict:
+    """``storage_options`` plus connect/read timeouts and bounded client retries, where unset.
+
+    * S3 (s3fs/botocore): ``config_kwargs`` gets ``connect_timeout``, ``read_timeout``
+      (:func:`network_timeouts`) and ``retries={"total_max_attempts": 1}`` (botocore's
+      retries off: s3fs retries each request ``S3FS_ATTEMPTS`` times, :func:`retrying`
+      the whole operation). Keys the user set in ``config_kwargs`` win.
+    * GCS (gcsfs/aiohttp): ``requests_timeout`` becomes
+      ``aiohttp.ClientTimeout(sock_connect=connect, sock_read=read)`` (no total limit, so
+      long transfers are not cut), unless set.
+    * Other protocols: unchanged.
+    """
+    opts = dict(storage_options)
+    connect, read = network_timeouts(deadline_s)
+    if protocol in ("s3", "s3a"):
+        ck = dict(opts.get("config_kwargs") or {})
+        ck.setdefault("connect_timeout", connect)
+        ck.setdefault("read_timeout", read)
+        ck.setdefault("retries", {"total_max_attempts": 1})
+        opts["config_kwargs"] = ck
+    elif protocol in ("gs", "gcs"):
+        if "requests_timeout" not in opts:
+            try:
+                import aiohttp
+
+                opts["requests_timeout"] = aiohttp.ClientTimeout(
+                    total=None, sock_connect=connect, sock_read=read
+                )
+            except ImportError:  # pragma: no cover - gcsfs needs aiohttp
+                pass
+    return opts
+
+
+def tune_client(fs: Any) -> None:
+    """Bound the client library's own retries of one request: s3fs makes ``S3FS_ATTEMPTS``
+    attempts instead of its default 5 (each one may wait a full read timeout on a silent
+    store). gcsfs's 6 attempts are fixed by its code (docs/cloud.md gives the cost)."""
+    if _is_s3(fs):
+        fs.retries = S3FS_ATTEMPTS
+
+
+def endpoint_of(protocol: str, storage_options: Mapping[str, Any]) -> str:
+    """The store's address, for error messages (``http://127.0.0.1:9000``,
+    ``https://storage.googleapis.com``...); ``""`` for local paths and unknown stores."""
+    opts = storage_options or {}
+    if protocol in ("s3", "s3a"):
+        url = opts.get("endpoint_url") or (opts.get("client_kwargs") or {}).get("endpoint_url")
+        url = url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        return str(url) if url else "AWS S3 (default endpoint)"
+    if protocol in ("gs", "gcs"):
+        url = opts.get("endpoint_url") or os.environ.get("STORAGE_EMULATOR_HOST")
+        return str(url) if url else "https://storage.googleapis.com"
+    return ""
 
 
 # ---------------------------------------------------------------------------------------

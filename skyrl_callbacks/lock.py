@@ -69,8 +69,6 @@ class RunLock:
             return json.loads(self.storage.read_text(self.path))
         except (FileNotFoundError, ValueError):
             return None
-        except OSError:
-            return None
 
     def _is_live(self, rec: dict) -> bool:
         if rec.get("host") == socket.gethostname() and rec.get("pid") == os.getpid():

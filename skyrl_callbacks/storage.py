@@ -116,7 +116,16 @@ class Storage:
             self.fs = None
         else:
             self.root = f"{self.protocol}://{rest.rstrip('/')}"
-            self.fs = _make_fs(self.protocol, self.storage_options)
+            from skyrl_callbacks.cloud import endpoint_of, tune_client, with_network_defaults
+
+            # every request gets connect/read timeouts and bounded client retries (the user's
+            # storage_options win), so a silent store fails within the retry deadline
+            self.fs = _make_fs(
+                self.protocol, with_network_defaults(self.protocol, self.storage_options, self.retry_deadline_s)
+            )
+            tune_client(self.fs)
+        #: the store's address, named in errors ("" for local paths)
+        self.endpoint = "" if self.is_local else endpoint_of(self.protocol, self.storage_options)
 
     # ------------------------------------------------------------------ paths
     def __repr__(self) -> str:
@@ -146,7 +155,17 @@ class Storage:
             return fn()
         from skyrl_callbacks.cloud import retrying
 
-        return retrying(fn, what=what, deadline_s=self.retry_deadline_s)
+        return retrying(fn, what=self._at(what), deadline_s=self.retry_deadline_s)
+
+    def _at(self, what: str) -> str:
+        """``what`` with the store's endpoint, for error messages."""
+        return f"{what} (endpoint {self.endpoint})" if self.endpoint else what
+
+    def _name_endpoint(self, exc: StorageError) -> StorageError:
+        """``exc`` naming the store's endpoint (errors of the transfer helpers of ``cloud``)."""
+        if not self.endpoint or self.endpoint in str(exc):
+            return exc
+        return StorageError(f"{exc} (endpoint {self.endpoint})")
 
     def _norm(self, path: str) -> str:
         return split_protocol(path)[1].strip("/")
@@ -274,7 +293,10 @@ class Storage:
         os.makedirs(tmp_dir, exist_ok=True)
         local = os.path.join(tmp_dir, f".skyrl-read-{uuid.uuid4().hex[:12]}-{posixpath.basename(path)}")
         try:
-            download_files(self.fs, {path: local}, max_concurrency=1, deadline_s=self.retry_deadline_s)
+            try:
+                download_files(self.fs, {path: local}, max_concurrency=1, deadline_s=self.retry_deadline_s)
+            except StorageError as exc:
+                raise self._name_endpoint(exc) from exc
             fh = open(local, "rb")
         finally:
             try:
@@ -402,14 +424,17 @@ class Storage:
         from skyrl_callbacks.cloud import upload_files
 
         pairs = [(os.path.join(local_top, *rel.split("/")), self.join(remote_top, rel)) for rel in rels]
-        sizes = upload_files(
-            self.fs,
-            pairs,
-            max_concurrency=self.upload_concurrency,
-            multipart_threshold=self.multipart_threshold,
-            chunk_size=self.chunk_size,
-            deadline_s=self.retry_deadline_s,
-        )
+        try:
+            sizes = upload_files(
+                self.fs,
+                pairs,
+                max_concurrency=self.upload_concurrency,
+                multipart_threshold=self.multipart_threshold,
+                chunk_size=self.chunk_size,
+                deadline_s=self.retry_deadline_s,
+            )
+        except StorageError as exc:
+            raise self._name_endpoint(exc) from exc
         self._fresh(remote_top)
         return {rel: sizes[remote] for rel, (_local, remote) in zip(rels, pairs)}
 
