@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -97,3 +98,83 @@ def test_release_and_disable(tmp_path):
     assert not (root / LOCK_FILE).exists()
     (root / LOCK_FILE).write_text(json.dumps({"owner": "x", "host": "other-host", "pid": 1, "heartbeat": time.time()}))
     CheckpointManager(CheckpointConfig(ckpt_path=str(root), run_lock=False)).save(2, roles())
+
+
+# --------------------------------------------------------------------------- races
+RACER = """
+import json, os, sys
+from skyrl_callbacks import CheckpointLockError
+from skyrl_callbacks.lock import RunLock
+from skyrl_callbacks.storage import Storage
+opts = json.loads(sys.argv[1]) if len(sys.argv) > 1 else None
+print("ready", flush=True)
+for line in sys.stdin:  # one trial per line: a fresh ckpt_path; every lock taken stays held
+    lock = RunLock(Storage(line.strip(), opts), heartbeat_s=0)
+    try:
+        lock.acquire()
+        print(json.dumps({"held": True, "pid": os.getpid()}), flush=True)
+    except CheckpointLockError as exc:
+        print(json.dumps({"held": False, "pid": os.getpid(), "error": str(exc)}), flush=True)
+"""
+
+
+def _racers(first_cmd: list, opts=None, env=None) -> list:
+    args = [RACER] + ([json.dumps(opts)] if opts is not None else [])
+    procs = [subprocess.Popen(first_cmd + [sys.executable, "-c", *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, env=env),
+             subprocess.Popen([sys.executable, "-c", *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              env=env)]
+    for p in procs:
+        assert p.stdout.readline().strip() == "ready"
+    return procs
+
+
+def _race(procs, roots, gap_s: float = 0.03) -> None:
+    """Each trial: the first process starts taking the lock, the second ``gap_s`` later; exactly one
+    holds it and the other is refused, naming the holder."""
+    for root in roots:
+        procs[0].stdin.write(root + "\n")
+        procs[0].stdin.flush()
+        time.sleep(gap_s)
+        procs[1].stdin.write(root + "\n")
+        procs[1].stdin.flush()
+        a, b = (json.loads(p.stdout.readline()) for p in procs)
+        assert a["held"] != b["held"], (root, a, b)  # exactly one holds it
+        winner, loser = (a, b) if a["held"] else (b, a)
+        assert f"pid {winner['pid']}" in loser["error"] and "in use by another live run" in loser["error"], loser
+
+
+def _stop(procs) -> None:
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_two_runs_30ms_apart_first_with_slow_fsync_exactly_one_holds(tmp_path):
+    # every fsync of the first process takes 100 ms longer: before the atomic create, both runs took the lock
+    strace = ["strace", "-f", "-qq", "--seccomp-bpf", "-o", os.devnull, "-e", "trace=fsync,fdatasync",
+              "-e", "inject=fsync,fdatasync:delay_exit=100000"]
+    probe = subprocess.run(strace + ["true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"strace cannot trace here: {probe.stderr.strip()}")
+    procs = _racers(strace)
+    try:
+        _race(procs, [str(tmp_path / f"c{i}") for i in range(6)])
+    finally:
+        _stop(procs)
+
+
+def test_two_runs_taking_over_one_dead_lock_exactly_one_holds(tmp_path):
+    roots = []
+    for i in range(6):
+        root = tmp_path / f"c{i}"
+        root.mkdir()
+        (root / LOCK_FILE).write_text(json.dumps({"owner": "x", "host": "h", "pid": 1, "heartbeat": time.time() - 3600}))
+        roots.append(str(root))
+    procs = _racers([])
+    try:
+        _race(procs, roots, gap_s=0.0)
+    finally:
+        _stop(procs)
+    assert not [p for p in tmp_path.rglob("*") if ".dead-" in p.name or ".new-" in p.name]  # nothing left behind
