@@ -78,6 +78,7 @@ __all__ = [
     "DEFAULT_CONNECT_TIMEOUT_S",
     "DEFAULT_READ_TIMEOUT_S",
     "S3FS_ATTEMPTS",
+    "GCSFS_ATTEMPTS",
     "network_timeouts",
     "with_network_defaults",
     "tune_client",
@@ -391,6 +392,8 @@ DEFAULT_READ_TIMEOUT_S = 20.0
 #: (resets, 503s) of one part of a multipart upload are retried there, without
 #: restarting the file.
 S3FS_ATTEMPTS = 3
+#: Attempts of one request inside gcsfs (its default, 6, sleeps about 31 s in between).
+GCSFS_ATTEMPTS = 2
 
 
 def network_timeouts(deadline_s: float) -> tuple[float, float]:
@@ -439,11 +442,28 @@ def with_network_defaults(protocol: str, storage_options: Mapping[str, Any], dea
 
 
 def tune_client(fs: Any) -> None:
-    """Bound the client library's own retries of one request: s3fs makes ``S3FS_ATTEMPTS``
-    attempts instead of its default 5 (each one may wait a full read timeout on a silent
-    store). gcsfs's 6 attempts are fixed by its code (docs/cloud.md gives the cost)."""
+    """Bound the client library's own retries of one request.
+
+    s3fs makes ``S3FS_ATTEMPTS`` attempts instead of its default 5; gcsfs makes
+    ``GCSFS_ATTEMPTS`` instead of its fixed 6 (which sleep about 1+2+4+8+16 s between
+    them, longer than a short retry deadline): its request method is re-wrapped, on this
+    filesystem instance only, with gcsfs's own retry decorator and fewer attempts. Each
+    attempt may wait a full read timeout on a silent store.
+    """
     if _is_s3(fs):
         fs.retries = S3FS_ATTEMPTS
+    elif _is_gcs(fs) and not getattr(fs, "_skyrl_tuned", False):
+        try:
+            import types
+
+            from gcsfs.retry import retry_request
+
+            raw = getattr(type(fs)._request, "__wrapped__", None)
+            if raw is not None:
+                fs._request = types.MethodType(retry_request(retries=GCSFS_ATTEMPTS)(raw), fs)
+                fs._skyrl_tuned = True
+        except Exception as exc:  # noqa: BLE001 - another gcsfs: keep its retries
+            logger.debug("could not bound gcsfs's retries: %s", exc)
 
 
 def endpoint_of(protocol: str, storage_options: Mapping[str, Any]) -> str:

@@ -107,6 +107,8 @@ from skyrl_callbacks import CheckpointLockError
 from skyrl_callbacks.lock import RunLock
 from skyrl_callbacks.storage import Storage
 opts = json.loads(sys.argv[1]) if len(sys.argv) > 1 else None
+if opts is not None:
+    import s3fs  # noqa: F401 - imported before the race, not during its first trial
 print("ready", flush=True)
 for line in sys.stdin:  # one trial per line: a fresh ckpt_path; every lock taken stays held
     lock = RunLock(Storage(line.strip(), opts), heartbeat_s=0)
@@ -178,3 +180,19 @@ def test_two_runs_taking_over_one_dead_lock_exactly_one_holds(tmp_path):
     finally:
         _stop(procs)
     assert not [p for p in tmp_path.rglob("*") if ".dead-" in p.name or ".new-" in p.name]  # nothing left behind
+
+
+def test_two_runs_race_for_one_s3_lock_exactly_one_holds(s3_server, s3_bucket):
+    """Real processes against the moto server: the conditional PUT (If-None-Match) lets exactly one win."""
+    procs = _racers([], opts=s3_server.storage_options)
+    try:
+        _race(procs, [f"s3://{s3_bucket}/c{i}" for i in range(4)], gap_s=0.0)
+        # a dead run's lock on S3 is taken over by exactly one of two racers (If-Match on its ETag)
+        fs = Storage(f"s3://{s3_bucket}", s3_server.storage_options).fs
+        roots = [f"s3://{s3_bucket}/d{i}" for i in range(3)]
+        for root in roots:
+            fs.pipe(f"{root}/{LOCK_FILE}".split("://", 1)[1],
+                    json.dumps({"owner": "x", "host": "h", "pid": 1, "heartbeat": time.time() - 3600}).encode())
+        _race(procs, roots, gap_s=0.0)
+    finally:
+        _stop(procs)

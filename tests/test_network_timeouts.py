@@ -20,15 +20,17 @@ import pytest
 import torch
 
 from skyrl_callbacks import CheckpointConfig, CheckpointManager, StorageError
-from skyrl_callbacks.cloud import S3FS_ATTEMPTS, network_timeouts
+from skyrl_callbacks.cloud import GCSFS_ATTEMPTS, S3FS_ATTEMPTS, network_timeouts
 from skyrl_callbacks.roles import discover_roles
 from skyrl_callbacks.storage import Storage
 from tests.servers import S3_TEST_CREDENTIALS
 
 DEADLINE = 3.0
-# docs/cloud.md: one attempt against a silent store lasts at most S3FS_ATTEMPTS read timeouts plus
-# s3fs's sleeps (0.6 s); the operation gives up at most that long after its deadline.
-MARGIN = S3FS_ATTEMPTS * max(network_timeouts(DEADLINE)) + 0.6
+# docs/cloud.md: one attempt against a silent store lasts at most S3FS_ATTEMPTS (GCS: GCSFS_ATTEMPTS) network
+# timeouts plus the client's sleeps between them (s3fs 0.6 s, gcsfs 2 s); an operation gives up at most that long
+# after its deadline.
+MARGIN = {"s3": S3FS_ATTEMPTS * max(network_timeouts(DEADLINE)) + 0.6,
+          "gs": GCSFS_ATTEMPTS * max(network_timeouts(DEADLINE)) + 2.0}
 SLACK = 3.0  # a loaded 2-core CI machine (imports, thread start-up)
 
 
@@ -91,9 +93,10 @@ def roles():
     return discover_roles(m)
 
 
-def manager(url: str) -> CheckpointManager:
+def manager(url: str, store: str = "s3") -> CheckpointManager:
+    opts = {"endpoint_url": url} if store == "s3" else {"endpoint_url": url, "token": "anon", "project": "test"}
     return CheckpointManager(CheckpointConfig(
-        ckpt_path="s3://bucket/run", storage_options={"endpoint_url": url}, cloud_retry_deadline_s=DEADLINE))
+        ckpt_path=f"{store}://bucket/run", storage_options=opts, cloud_retry_deadline_s=DEADLINE))
 
 
 def timed(fn, limit: float = 60.0) -> tuple[BaseException, float]:
@@ -116,10 +119,11 @@ def timed(fn, limit: float = 60.0) -> tuple[BaseException, float]:
     return box["exc"], box["dt"]
 
 
-def check(exc: BaseException, dt: float, url: str) -> None:
+def check(exc: BaseException, dt: float, url: str, store: str = "s3") -> None:
     assert isinstance(exc, StorageError), repr(exc)
     assert url in str(exc), str(exc)
-    assert dt < DEADLINE + MARGIN + SLACK, f"{dt:.1f} s > deadline {DEADLINE} + margin {MARGIN:.1f} + {SLACK}"
+    bound = DEADLINE + MARGIN[store] + SLACK
+    assert dt < bound, f"{dt:.1f} s > deadline {DEADLINE} + margin {MARGIN[store]:.1f} + {SLACK}"
 
 
 @pytest.mark.parametrize("kind", ["hung", "refused"])
@@ -132,6 +136,15 @@ def test_dead_endpoint_fails_save_and_resume_within_deadline(request, kind, op):
     if kind == "refused":
         assert "attempts" in str(exc)  # retried until the deadline, not given up at once
         assert dt >= DEADLINE - 1.5
+
+
+@pytest.mark.parametrize("kind", ["hung", "refused"])
+def test_dead_gcs_endpoint_fails_save_within_deadline(request, kind):
+    pytest.importorskip("gcsfs")
+    url = request.getfixturevalue(kind)
+    mgr = manager(url, "gs")
+    exc, dt = timed(lambda: mgr.save(1, roles()))
+    check(exc, dt, url, "gs")
 
 
 def test_hung_endpoint_at_lock_acquisition(hung):
@@ -200,4 +213,4 @@ def test_hung_endpoint_fails_on_every_rank(hung):
             # collective raises RankFailure quoting it
             assert name == "StorageError" or (name == "RankFailure" and "StorageError" in msg), (rank, op, name, msg)
             assert hung in msg, (rank, op, msg)
-            assert dt < DEADLINE + MARGIN + SLACK, (rank, op, dt)
+            assert dt < DEADLINE + MARGIN["s3"] + SLACK, (rank, op, dt)
