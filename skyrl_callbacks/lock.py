@@ -38,8 +38,8 @@ import uuid
 import weakref
 from typing import TYPE_CHECKING, Any, Optional
 
-from skyrl_callbacks.errors import CheckpointLockError
-from skyrl_callbacks.storage import _fsync_dir, _pid_alive
+from skyrl_callbacks.errors import CheckpointLockError, StorageError
+from skyrl_callbacks.storage import _fsync_dir, _pid_alive, local_io_error
 
 if TYPE_CHECKING:
     from skyrl_callbacks.storage import Storage
@@ -120,6 +120,8 @@ class RunLock:
                     break
                 continue
             if rec is not None and rec.get("owner") == self.run_id:
+                if isinstance(version, str):
+                    self._etag = version
                 break  # ours: a write whose answer was lost and that was retried
             if rec is None and self._being_written():
                 continue  # another run is writing its lock (O_EXCL fallback): read it again
@@ -197,14 +199,15 @@ class RunLock:
         return _parse(raw), True
 
     def _being_written(self) -> bool:
-        """A local lock file that cannot be parsed and is younger than 5 s is being written
-        by another run (``O_EXCL`` fallback): not a dead run's lock."""
+        """An empty local lock file younger than 5 s is being written by another run
+        (``O_EXCL`` fallback, no hard links): not a dead run's lock."""
         if self._kind() != "local":
             return False
         try:
-            return time.time() - os.stat(self.path).st_mtime < 5.0
+            st = os.stat(self.path)
         except FileNotFoundError:
             return True  # gone: read again
+        return st.st_size == 0 and time.time() - st.st_mtime < 5.0
 
     def _s3_get(self) -> tuple[bytes, Optional[str]]:
         from fsspec.asyn import sync
@@ -247,6 +250,14 @@ class RunLock:
         return True
 
     def _create_local(self, data: bytes) -> bool:
+        try:
+            return self._create_local_raw(data)
+        except StorageError:
+            raise
+        except OSError as exc:  # a full disk, a read-only ckpt_path...: the error names the cause and the fix
+            raise local_io_error(exc, self.path, "writing") from exc
+
+    def _create_local_raw(self, data: bytes) -> bool:
         directory = os.path.dirname(self.path)
         tmp = f"{self.path}.new-{uuid.uuid4().hex[:12]}"
         try:
@@ -290,6 +301,8 @@ class RunLock:
                 os.rename(self.path, aside)
             except FileNotFoundError:
                 return False
+            except OSError as exc:
+                raise local_io_error(exc, self.path, "taking over") from exc
             st = os.stat(aside)
             if (st.st_dev, st.st_ino) != version:
                 # not the file judged dead: put it back (unless yet another run created one)
