@@ -175,6 +175,8 @@ class RunLock:
                 fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
             except FileNotFoundError:
                 return None, None
+            except OSError as exc:
+                raise local_io_error(exc, self.path, "reading") from exc
             try:
                 st = os.fstat(fd)
                 chunks = []
