@@ -119,10 +119,10 @@ class Storage:
             from skyrl_callbacks.cloud import endpoint_of, tune_client, with_network_defaults
 
             # every request gets connect/read timeouts and bounded client retries (the user's
-            # storage_options win), so a silent store fails within the retry deadline
-            self.fs = _make_fs(
-                self.protocol, with_network_defaults(self.protocol, self.storage_options, self.retry_deadline_s)
-            )
+            # storage_options win), so a silent store fails within the retry deadline; DCP's
+            # FsspecWriter/Reader get the same options (and so fsspec's cached instance of self.fs)
+            self.storage_options = with_network_defaults(self.protocol, self.storage_options, self.retry_deadline_s)
+            self.fs = _make_fs(self.protocol, self.storage_options)
             tune_client(self.fs)
         #: the store's address, named in errors ("" for local paths)
         self.endpoint = "" if self.is_local else endpoint_of(self.protocol, self.storage_options)
