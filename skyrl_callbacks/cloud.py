@@ -329,8 +329,9 @@ def retrying(
     ``d = min(max_delay, base_delay * 2**(n-1))``. No retry is started when its wait would
     end after ``deadline_s`` seconds from the first call. The deadline is checked between
     attempts: an attempt in progress is not interrupted, so the total time is at most
-    ``deadline_s`` plus one attempt (client libraries retry inside an attempt too: botocore
-    up to 5 requests, gcsfs up to 6).
+    ``deadline_s`` plus one attempt (client libraries retry inside an attempt too; with
+    :class:`~skyrl_callbacks.storage.Storage`'s defaults s3fs makes up to 3 requests, gcsfs up
+    to 2, each bounded by the network timeouts of :func:`with_network_defaults`).
 
     Args:
         fn: the operation, without arguments; it must be safe to repeat (idempotent).
