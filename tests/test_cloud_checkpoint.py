@@ -325,6 +325,7 @@ def test_save_resume_retention(cloud, mode, tmp_path):
         mgr.save(step, roles, trainer_state={"note": f"step {step}"}, data_state={"pos": step})
         snaps[step] = snapshot(m, roles)
     assert stage_leftovers(tmp_path) == []  # local stages removed after each save
+    mgr.wait_retention()  # retired checkpoints' objects are deleted in the background
 
     # retention: only the newest two remain, nothing of the deleted ones is left behind
     top = {k.split("/")[0] for k in cloud.keys("run")}
