@@ -407,6 +407,20 @@ def ensure_process_group() -> None:
 
 
 # --------------------------------------------------------------------------- report
+def aggregate(runs: list[dict]) -> dict:
+    """One row per mode over the rounds: medians of the times, maxima of the memory peaks."""
+    row = dict(runs[0])
+    med = lambda k: statistics.median(r[k] for r in runs)  # noqa: E731
+    for k in ("window_s", "blocked_per_save_s", "first_save_blocked_s", "end_wait_s", "fit_s"):
+        row[k] = med(k)
+    row["steps_per_s"] = row["window_steps"] / row["window_s"]
+    row["peak_rss"] = max(r["peak_rss"] for r in runs)
+    row["peak_gpu"] = max(r["peak_gpu"] for r in runs)
+    row["rounds"] = [{k: r[k] for k in ("window_s", "blocked_per_save_s", "first_save_blocked_s", "end_wait_s")}
+                     for r in runs]
+    return row
+
+
 def table(rows: list[dict], base: dict) -> str:
     out = ["| mode | steps/s | overhead % | lost/save s | blocked/save s | first save blocked s | end wait s | "
            "peak RSS +GiB | peak GPU +GiB |", "|---|---|---|---|---|---|---|---|---|"]
@@ -438,7 +452,9 @@ def main(argv: Optional[list] = None) -> dict:
     p.add_argument("--every", type=int, default=None, help="save every N steps (default: chosen, see the docstring)")
     p.add_argument("--saves", type=int, default=2, help="saves inside the timed window (k)")
     p.add_argument("--tail-steps", type=int, default=1, help="steps after the window (not timed)")
-    p.add_argument("--baseline-twice", action="store_true", help="run the baseline again at the end; use the mean")
+    p.add_argument("--rounds", type=int, default=1, help="run every mode this many times, interleaved; medians")
+    p.add_argument("--baseline-twice", action="store_true",
+                   help="run the baseline again at the end of each round (median of all baseline runs)")
     p.add_argument("--dir", default=None, help="where checkpoints go (default: the system temp dir)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (CPU; default: all cores but one, left to the checkpoint writer)")
@@ -483,7 +499,6 @@ def main(argv: Optional[list] = None) -> dict:
     print(f"[bench_training] {env['device']}, torch {env['torch']}: {n_params / 1e6:.1f}M parameters, "
           f"{sbytes / GIB:.2f} GiB of state (fp32 weights + AdamW), batch {args.batch} x {args.seq} tokens", flush=True)
     try:
-        rows: list[dict] = []
         baseline_modes = ["none"] + (["none"] if args.baseline_twice else [])
         every = args.every
         if every is None:
@@ -503,18 +518,20 @@ def main(argv: Optional[list] = None) -> dict:
         env["every"] = every
         modes = [m for m in args.modes if m != "none"]
         order = ["none"] + modes + baseline_modes[1:]  # the baseline always runs, first
-        for mode in order:
-            t = time.perf_counter()
-            row = run_mode(mode, module, args, every, workdir, cuda)
-            rows.append(row)
-            print(f"[bench_training] {mode}: {row['steps_per_s']:.3f} steps/s, window {row['window_s']:.2f} s "
-                  f"({row['window_steps']} steps, {row['saves']} saves), fit {time.perf_counter() - t:.1f} s", flush=True)
-        bases = [r for r in rows if r["mode"] == "none"]
-        base = dict(bases[0])
-        if len(bases) > 1:
-            base["window_s"] = statistics.mean(b["window_s"] for b in bases)
-        md = table(rows, base if len(bases) > 1 else bases[0])
-        print(f"\nN = {every}, window {base['window_steps']} steps with {args.saves} saves, "
+        runs: dict[str, list] = {}
+        for rnd in range(args.rounds):
+            for mode in order:
+                t = time.perf_counter()
+                row = run_mode(mode, module, args, every, workdir, cuda)
+                runs.setdefault(mode, []).append(row)
+                print(f"[bench_training] round {rnd + 1} {mode}: {row['steps_per_s']:.3f} steps/s, window "
+                      f"{row['window_s']:.2f} s ({row['window_steps']} steps, {row['saves']} saves), "
+                      f"fit {time.perf_counter() - t:.1f} s", flush=True)
+        rows = [aggregate(runs[m]) for m in dict.fromkeys(order)]
+        base = rows[0]
+        md = table(rows, base)
+        print(f"\nN = {every}, window {base['window_steps']} steps with {args.saves} saves, {args.rounds} round(s) "
+              f"(medians), "
               f"{sbytes / GIB:.2f} GiB of state, {env['device']}\n")
         print(md, flush=True)
         result = {"env": env, "rows": rows, "markdown": md}
