@@ -21,9 +21,10 @@ and a **raw parallel ``s3fs`` get** of the same objects (S3: ``fs.get`` of every
 directory, fsspec's concurrent batch). ``x raw`` = raw seconds / our ``read+load`` seconds (goal >= 0.9x);
 ``x raw (find..load)`` also counts find and verify.
 
-The child also records every download the S3 resume makes (``skyrl_callbacks.cloud.download_files``
-calls: objects, ``max_concurrency``, overlap in time) to check that the rank fetches only its own
-objects and fetches them concurrently.
+The child also records every object the S3 resume fetches (``s3fs``'s ``_cat_file``/``_get_file``: the
+object and the interval) to check that the rank fetches only its own objects, and how many at once.
+Page cache: ``--drop-caches`` (the GPU session) drops the whole machine's cache (root only); the default
+evicts only the checkpoint's files (``posix_fadvise``), which leaves other users of a shared machine alone.
 
     python bench/bench_resume.py                       # GPU, ~1B parameters, local disk
     python bench/bench_resume.py --cpu --s3            # CPU, small model, local disk and moto S3
@@ -53,7 +54,7 @@ CHUNK = 8 << 20
 
 
 # --------------------------------------------------------------------------- page cache
-def drop_caches(paths: list[str]) -> str:
+def drop_caches(paths: list[str], global_drop: bool = False) -> str:
     """Evict ``paths`` from the page cache; returns how ("drop_caches" or "fadvise")."""
     for p in paths:  # dirty pages cannot be dropped: write them first
         fd = os.open(p, os.O_RDONLY)
@@ -62,6 +63,8 @@ def drop_caches(paths: list[str]) -> str:
         finally:
             os.close(fd)
     try:
+        if not global_drop:
+            raise PermissionError("not asked for")
         os.sync()
         with open("/proc/sys/vm/drop_caches", "w") as fh:
             fh.write("3\n")
@@ -102,22 +105,20 @@ def child(args) -> None:
     out: dict = {"t_spawn": args.t_spawn, "t_main": t_imports0}
     downloads: list = []
     if args.ckpt_path.startswith("s3://"):
-        import threading
+        import s3fs
 
-        import skyrl_callbacks.cloud as cloud
+        # every object body the resume fetches (whole-object GETs into memory or a file), with its interval
+        for name in ("_cat_file", "_get_file"):
+            real = getattr(s3fs.S3FileSystem, name)
 
-        real = cloud.download_files
+            async def recorded(self, path, *a, _real=real, _name=name, **kw):
+                t0 = time.perf_counter()
+                try:
+                    return await _real(self, path, *a, **kw)
+                finally:
+                    downloads.append({"object": str(path), "call": _name, "t0": t0, "t1": time.perf_counter()})
 
-        def recorded(fs, paths, **kw):  # what the resume fetches, when, how many at once
-            items = list(paths.items()) if hasattr(paths, "items") else list(paths)
-            t0 = time.perf_counter()
-            try:
-                return real(fs, dict(items), **kw)
-            finally:
-                downloads.append({"objects": [r for r, _l in items], "max_concurrency": kw.get("max_concurrency", 8),
-                                  "t0": t0, "t1": time.perf_counter(), "thread": threading.current_thread().name})
-
-        cloud.download_files = recorded
+            setattr(s3fs.S3FileSystem, name, recorded)
     t = time.time()
     out["start_s"] = t - args.t_spawn
     cuda = not args.cpu
@@ -151,7 +152,7 @@ def child(args) -> None:
     out["step"] = state.step
     # the loaded weights are the saved ones (a checksum of the first and last parameter)
     ps = list(model.parameters())
-    out["check"] = [float(ps[0].double().sum()), float(ps[-1].double().sum())]
+    out["check"] = [float(ps[0].detach().double().sum()), float(ps[-1].detach().double().sum())]
     out["opt_state_tensors"] = sum(1 for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
     t0 = time.perf_counter()
     batch = torch.randint(0, preset["vocab_size"], (args.batch, preset["seq"]), device=device,
@@ -173,12 +174,10 @@ def child(args) -> None:
 
 
 def concurrency(downloads: list) -> int:
-    """Most downloads (files) in flight at one moment: per call ``min(max_concurrency, files)``,
-    summed over calls that overlap in time."""
+    """Most object GETs in flight at one moment."""
     events = []
     for d in downloads:
-        n = min(int(d["max_concurrency"]), len(d["objects"]))
-        events += [(d["t0"], n), (d["t1"], -n)]
+        events += [(d["t0"], 1), (d["t1"], -1)]
     cur = peak = 0
     for _t, n in sorted(events, key=lambda e: (e[0], e[1])):
         cur += n
@@ -212,7 +211,7 @@ def save_checkpoint(args, preset: dict, ckpt_path: str, storage_options: Optiona
     res = mgr.save(2, [Role(name="policy", model=model, optimizers=[opt])], trainer_state={"global_step": 2})
     mgr.close()
     ps = list(model.parameters())
-    check = [float(ps[0].double().sum()), float(ps[-1].double().sum())]
+    check = [float(ps[0].detach().double().sum()), float(ps[-1].detach().double().sum())]
     del model, opt
     if cuda:
         torch.cuda.empty_cache()
@@ -274,6 +273,9 @@ def main(argv: Optional[list] = None) -> dict:
     p.add_argument("--no-local", action="store_true", help="S3 only")
     p.add_argument("--verify", action="store_true", default=True)
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the checksum verification phase")
+    p.add_argument("--drop-caches", action="store_true",
+                   help="drop the machine's whole page cache (echo 3 > /proc/sys/vm/drop_caches; root) instead of "
+                        "evicting the checkpoint's files with posix_fadvise")
     p.add_argument("--dir", default=None)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--child-timeout", type=float, default=600)
@@ -317,9 +319,9 @@ def main(argv: Optional[list] = None) -> dict:
             print(f"[bench_resume] local: {size / GIB:.2f} GiB in {len(paths)} files under {step_dir}", flush=True)
             rows, raws, how = [], [], None
             for i in range(args.runs):
-                how = drop_caches(paths)
+                how = drop_caches(paths, args.drop_caches)
                 raws.append(raw_read(paths))
-                drop_caches(paths)
+                drop_caches(paths, args.drop_caches)
                 r = run_child(args, preset, ckpt, None, work)
                 if json.dumps(r["check"]) != check:
                     raise RuntimeError(f"resumed weights differ from the saved ones: {r['check']} != {check}")
@@ -349,18 +351,18 @@ def main(argv: Optional[list] = None) -> dict:
                 dl = r["downloads"]
                 print(f"[bench_resume] s3 run {i + 1}: total {r['total_s']:.2f} s (find {r['find_s']:.3f}, verify "
                       f"{r['verify_s']:.2f}, read+load {r['load_s']:.2f}); raw s3fs get {raws[-1]:.2f} s; "
-                      f"{len(dl)} download calls, {sum(len(d['objects']) for d in dl)} objects, at most "
+                      f"{len(dl)} object GETs of {len({d['object'] for d in dl})} objects, at most "
                       f"{concurrency(dl)} in flight", flush=True)
             lines.append(row_md("S3 (moto, 127.0.0.1)", rows, raws, "s3fs get"))
             dl = rows[-1]["downloads"]
             result["s3"] = {"bytes": nbytes, "rows": rows, "raw_get_s": raws,
-                            "download_calls": len(dl), "objects": sorted({o for d in dl for o in d["objects"]}),
+                            "download_calls": len(dl), "objects": sorted({d["object"].split("/", 1)[-1] for d in dl}),
                             "max_in_flight": concurrency(dl)}
         md = "\n".join(lines)
         print("\n" + md, flush=True)
         if result["s3"]:
             s = result["s3"]
-            print(f"\nS3 resume: {s['download_calls']} download calls, objects {s['objects']}, at most "
+            print(f"\nS3 resume: {s['download_calls']} object GETs, objects {s['objects']}, at most "
                   f"{s['max_in_flight']} in flight at once", flush=True)
         result["markdown"] = md
         if args.out:

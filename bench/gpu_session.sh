@@ -80,7 +80,7 @@ if has training; then
   section training 330 python3 bench/bench_training.py --dir "$WORK" --out "$OUT/training.json" "${TR[@]}"
 fi
 if has resume; then
-  section resume 150 python3 bench/bench_resume.py --dir "$WORK" --out "$OUT/resume.json" "${RS[@]}"
+  section resume 150 python3 bench/bench_resume.py --drop-caches --dir "$WORK" --out "$OUT/resume.json" "${RS[@]}"
 fi
 if has save; then
   section save 200 python3 bench/bench_save.py --device cuda --sizes-gib "${SZ[@]}" --runs 2 --dir "$WORK" \
