@@ -345,7 +345,7 @@ def run_mode(mode: str, module, args, every: int, workdir: str, cuda: bool) -> d
         timer.wrap(mcb, "on_train_batch_end", True)
     if dcp_cb is not None:
         timer.wrap(dcp_cb, "on_train_batch_end", True)
-    steps = end + args.tail_steps
+    steps = end  # no step after the window: step (k+1)N would save again, outside it
     loader = DataLoader(RandomTokens(steps * args.batch, args.seq, args.vocab), batch_size=args.batch,
                         num_workers=0, shuffle=False, pin_memory=cuda)
     trainer = pl.Trainer(
@@ -474,7 +474,6 @@ def main(argv: Optional[list] = None) -> dict:
     p.add_argument("--modes", nargs="+", choices=MODES, default=MODES)
     p.add_argument("--every", type=int, default=None, help="save every N steps (default: chosen, see the docstring)")
     p.add_argument("--saves", type=int, default=2, help="saves inside the timed window (k)")
-    p.add_argument("--tail-steps", type=int, default=1, help="steps after the window (not timed)")
     p.add_argument("--rounds", type=int, default=1, help="run every mode this many times, interleaved; medians")
     p.add_argument("--baseline-twice", action="store_true",
                    help="run the baseline again at the end of each round (median of all baseline runs)")
