@@ -94,6 +94,20 @@ def raw_read(paths: list[str]) -> float:
     return time.perf_counter() - t0
 
 
+def fingerprint(params) -> list:
+    """sha1 of the bytes of the first and last parameter (bitwise, independent of reduction order)."""
+    import hashlib
+
+    return [hashlib.sha1(p.detach().cpu().contiguous().view(-1).view(torch_uint8()).numpy().tobytes()).hexdigest()
+            for p in (params[0], params[-1])]
+
+
+def torch_uint8():
+    import torch
+
+    return torch.uint8
+
+
 # --------------------------------------------------------------------------- the resuming child
 def child(args) -> None:
     t_imports0 = time.time()
@@ -156,9 +170,9 @@ def child(args) -> None:
         torch.cuda.synchronize()
     out["load_s"] = time.perf_counter() - t0
     out["step"] = state.step
-    # the loaded weights are the saved ones (a checksum of the first and last parameter)
+    # the loaded weights are the saved ones (bitwise, the first and last parameter)
     ps = list(model.parameters())
-    out["check"] = [float(ps[0].detach().double().sum()), float(ps[-1].detach().double().sum())]
+    out["check"] = fingerprint(ps)
     out["opt_state_tensors"] = sum(1 for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
     t0 = time.perf_counter()
     batch = torch.randint(0, preset["vocab_size"], (args.batch, preset["seq"]), device=device,
@@ -219,7 +233,7 @@ def save_checkpoint(args, preset: dict, ckpt_path: str, storage_options: Optiona
     mgr.close()
     del mgr
     ps = list(model.parameters())
-    check = [float(ps[0].detach().double().sum()), float(ps[-1].detach().double().sum())]
+    check = fingerprint(ps)
     del model, opt, res
     if cuda:
         torch.cuda.empty_cache()

@@ -228,6 +228,7 @@ class Timer:
         self.t1: Optional[float] = None
         self.end_wait = 0.0
         self.hook_s: dict[int, float] = {}
+        self.marks: list = []  # (step, time at the start of its on_train_batch_end), unsynchronised
         self.step = 0
 
     def sync(self) -> None:
@@ -247,6 +248,7 @@ class Timer:
 
             def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
                 step = trainer.global_step
+                timer.marks.append((step, time.perf_counter()))
                 if step == timer.start_step:
                     timer.sync()
                     timer.t0 = time.perf_counter()
@@ -379,6 +381,9 @@ def run_mode(mode: str, module, args, every: int, workdir: str, cuda: bool) -> d
         "saves": n_saves, "blocked_per_save_s": statistics.median(blocked) if blocked and n_saves else 0.0,
         "first_save_blocked_s": blocked[0] if blocked and n_saves else 0.0, "end_wait_s": timer.end_wait,
         "peak_rss": peak_rss, "peak_gpu": peak_gpu, "fit_s": fit_s, "files": files,
+        # per step of the window: seconds from the previous step's end hook to this one's (host clock)
+        "step_s": {s: round(t - t_prev, 4) for (s, t), (_sp, t_prev) in zip(timer.marks[1:], timer.marks)
+                   if start < s <= end},
     }
 
 
