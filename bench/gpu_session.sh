@@ -14,18 +14,20 @@
 # The GPU machine is bare apart from its Python (torch, lightning, transformers, accelerate, fsspec, ...: see
 # docs/gpu_runs.md); like tests/gpu/run_all.sh this runs the package from the repository (PYTHONPATH), and,
 # like tests/gpu/megatron_env.sh, installs carried wheels (.whl/*.whl, no index, no deps, into /tmp/site)
-# only when an import is missing. --quick: smaller sizes (a smoke run of the script, ~3 minutes).
+# only when an import is missing. --quick: smaller sizes (a smoke run of the script, ~3 minutes); --cpu: tiny
+# sizes on a CPU machine (checks the script's plumbing; `OUT=/tmp/s bash bench/gpu_session.sh --cpu`).
 # Budget (H100, estimated): overlap 1 min, training 4 min, resume 1.5 min, save 2 min.
 set -u
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$HERE/.." && pwd)"
 : "${OUT:?set OUT to the output folder}"
-ONLY="overlap,training,resume,save"; WORK=/tmp/skyrl_gpu_session; QUICK=0
+ONLY="overlap,training,resume,save"; WORK=/tmp/skyrl_gpu_session; QUICK=0; CPU=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --only) ONLY="$2"; shift 2;;
     --work) WORK="$2"; shift 2;;
     --quick) QUICK=1; shift;;
+    --cpu) CPU=1; shift;;
     *) echo "unknown argument $1"; exit 2;;
   esac
 done
@@ -68,22 +70,26 @@ section() {  # NAME TIMEOUT cmd...
   say "[session] TIME $name: $(( $(date +%s) - t0 )) s (exit code $rc)"
 }
 
-if [ "$QUICK" = 1 ]; then
+DEV=(--device cuda); DROP=(--drop-caches)
+if [ "$CPU" = 1 ]; then  # smoke test of this script on a CPU machine: tiny sizes, no global cache drop
+  OV=(--device cpu --only plain); TR=(--cpu --tiny --every 3 --saves 1); RS=(--cpu --preset tiny --runs 1); SZ=(0.02)
+  DEV=(--device cpu); DROP=()
+elif [ "$QUICK" = 1 ]; then
   OV=(--layers 4 --hidden 512); TR=(--layers 4 --saves 1); RS=(--layers 4 --runs 1); SZ=(1 2)
 else
   OV=(); TR=(--saves 1); RS=(--runs 2); SZ=(2 8)
 fi
 if has overlap; then
-  section overlap 180 python3 tests/gpu/overlap_check.py --control --work "$WORK" "${OV[@]}"
+  section overlap 120 python3 tests/gpu/overlap_check.py --control --work "$WORK" "${OV[@]}"
 fi
 if has training; then
   section training 330 python3 bench/bench_training.py --dir "$WORK" --out "$OUT/training.json" "${TR[@]}"
 fi
 if has resume; then
-  section resume 150 python3 bench/bench_resume.py --drop-caches --dir "$WORK" --out "$OUT/resume.json" "${RS[@]}"
+  section resume 150 python3 bench/bench_resume.py "${DROP[@]}" --dir "$WORK" --out "$OUT/resume.json" "${RS[@]}"
 fi
 if has save; then
-  section save 200 python3 bench/bench_save.py --device cuda --sizes-gib "${SZ[@]}" --runs 2 --dir "$WORK" \
+  section save 200 python3 bench/bench_save.py "${DEV[@]}" --sizes-gib "${SZ[@]}" --runs 2 --dir "$WORK" \
     --methods raw "pinned copy" ours "ours async" "ours load" --json "$OUT/save.json"
 fi
 rm -rf "$WORK"
