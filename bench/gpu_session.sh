@@ -89,7 +89,7 @@ if has resume; then
   section resume 150 python3 bench/bench_resume.py "${DROP[@]}" --dir "$WORK" --out "$OUT/resume.json" "${RS[@]}"
 fi
 if has save; then
-  section save 200 python3 bench/bench_save.py "${DEV[@]}" --sizes-gib "${SZ[@]}" --runs 2 --dir "$WORK" \
+  section save 240 python3 bench/bench_save.py "${DEV[@]}" --sizes-gib "${SZ[@]}" --runs 2 --dir "$WORK" \
     --methods raw "pinned copy" ours "ours async" "ours load" --json "$OUT/save.json"
 fi
 rm -rf "$WORK"
