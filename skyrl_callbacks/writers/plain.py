@@ -395,7 +395,6 @@ class _Skeleton:
                 continue
             mv = memoryview(dst.numpy())
             chunks += [(offset + i, mv[i:i + _READ_CHUNK]) for i in range(0, nbytes, _READ_CHUNK)]
-        threads = min(_READ_THREADS, len(chunks))
         # verify_on_resume: the file hashed in order as the chunks arrive (headers between them read
         # by the hash), so the checksum needs no second read of the tensor bytes
         verification = current_verification()
@@ -403,6 +402,9 @@ class _Skeleton:
         if verification is not None:
             regions = [(offset, dst.numel() if isinstance(dst, torch.Tensor) else dst.nbytes) for offset, dst in chunks]
             hasher = verification.hash_for(self.path, fd, self.size, regions)
+        # with a hash, one more thread: the one that hashes (whichever holds the next chunk in file
+        # order) leaves _READ_THREADS reads in flight
+        threads = min(_READ_THREADS + (hasher is not None), len(chunks))
         if threads <= 1:
             for offset, dst in chunks:
                 _read_chunk(fd, dst, offset, self.path, hasher)
