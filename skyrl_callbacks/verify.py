@@ -145,6 +145,30 @@ class LoadVerification:
                 self.problems[rel] = f"{rel}: checksum mismatch ({self.algo}) while loading"
 
 
+def hash_downloaded(storage: "Storage", path: str, fh: Any) -> None:
+    """Object stores: hash the file ``storage.open`` just downloaded (into memory or a local temp
+    file) before ``torch.load`` reads it from the same handle, so a verified resume downloads it
+    once. A no-op without verification, for local files (their readers hash as they read) and
+    for files already hashed."""
+    verification = current()
+    if verification is None or storage.is_local or verification.expect(path) is None:
+        return
+    hit = verification._by_path.get(_norm(path))
+    if hit is None or hit[0] in verification.verified:
+        return
+    from skyrl_callbacks.manifest import _hasher
+
+    h = _hasher(verification.algo)
+    start = fh.tell()
+    while True:
+        block = fh.read(8 << 20)
+        if not block:
+            break
+        h.update(block)
+    fh.seek(start)
+    verification.record(path, h.hexdigest())
+
+
 def _norm(path: str) -> str:
     return os.path.normpath(path) if "://" not in path else path.rstrip("/")
 

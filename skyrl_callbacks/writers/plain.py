@@ -18,6 +18,7 @@ import torch
 
 from skyrl_callbacks.errors import CorruptCheckpointError, IncompatibleCheckpointError
 from skyrl_callbacks.verify import current as current_verification
+from skyrl_callbacks.verify import hash_downloaded
 from skyrl_callbacks.writers.base import MODEL_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, RoleWriter
 
 if TYPE_CHECKING:
@@ -336,6 +337,7 @@ def torch_load(storage: "Storage", path: str, *, weights_only: bool = False, mma
         if mmap and storage.is_local:
             return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
         with storage.open(path, "rb") as fh:
+            hash_downloaded(storage, path, fh)  # verify_on_resume, object stores: no second download
             return torch.load(fh, map_location="cpu", weights_only=weights_only)
     except FileNotFoundError as exc:
         raise CorruptCheckpointError(f"{path}: file is missing ({exc}).") from exc
