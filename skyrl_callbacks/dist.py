@@ -67,6 +67,10 @@ class RankFailure(CheckpointError):
         names = {k.__name__ for k in ERROR_KINDS if issubclass(k, kind)}
         return isinstance(self, kind) or any(n in names for n in self.kinds.values())
 
+    def __reduce__(self) -> Any:  # the per-kind classes are made at run time: pickle by kind name
+        kind = next((k for k in ERROR_KINDS if isinstance(self, k)), None)
+        return _rebuild_rank_failure, (None if kind is None else kind.__name__, self.phase, self.failures, self.kinds)
+
     @classmethod
     def of(cls, kind: Optional[type]) -> type:
         """The ``RankFailure`` class that is also a ``kind`` (``RankFailure`` itself for None)."""
@@ -76,6 +80,11 @@ class RankFailure(CheckpointError):
             cls._by_kind[kind] = type("RankFailure", (cls, kind), {"__module__": __name__,
                                                                     "__qualname__": f"RankFailure[{kind.__name__}]"})
         return cls._by_kind[kind]
+
+
+def _rebuild_rank_failure(kind: Optional[str], phase: str, failures: dict, kinds: dict) -> RankFailure:
+    cls = RankFailure.of(next((k for k in ERROR_KINDS if k.__name__ == kind), None))
+    return cls(phase, failures, kinds)
 
 
 class DistContext:

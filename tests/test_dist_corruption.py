@@ -182,3 +182,20 @@ def test_lightning_ddp_two_devices_falls_back(tmp_path):
     assert "skipping" in out and "global_step_4" in out, out[-5000:]
     final = torch.load(tmp_path / "o.pt", weights_only=False)
     assert final["resumed_step"] == 2 and final["step"] == 6, (final["resumed_step"], final["step"])
+
+
+def test_rank_failure_keeps_the_kind_and_pickles():
+    """``RankFailure.of(kind)`` is a RankFailure and a ``kind`` (what ``resume`` catches at every world
+    size), names the ranks, keeps their kinds, and survives pickling (process pools, spawn)."""
+    import pickle
+
+    from skyrl_callbacks import CorruptCheckpointError, StorageError
+    from skyrl_callbacks.dist import RankFailure
+
+    exc = RankFailure.of(CorruptCheckpointError)("load model/optimizer state", {1: "CorruptCheckpointError: x"},
+                                                 {1: "CorruptCheckpointError"})
+    for e in (exc, pickle.loads(pickle.dumps(exc))):
+        assert isinstance(e, RankFailure) and isinstance(e, CorruptCheckpointError)
+        assert e.has(CorruptCheckpointError) and not e.has(StorageError)
+        assert e.kinds == {1: "CorruptCheckpointError"} and "rank 1: CorruptCheckpointError: x" in str(e)
+    assert isinstance(RankFailure.of(StorageError)("upload", {0: "y"}), OSError)
