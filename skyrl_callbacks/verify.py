@@ -213,9 +213,8 @@ class OrderedHash:
                 return
             front = self._next < len(self._order) and self._order[self._next][0] == offset
             if not front or self._draining:
+                # hashed later by the thread that fills the hole before it (or that is hashing now)
                 self._ready[offset] = memoryview(bytes(mv)) if volatile else mv
-                if not self._draining:
-                    return  # the thread that fills the hole before it hashes it later
                 return
             self._draining = True
         try:
