@@ -107,8 +107,12 @@ class CheckpointConfig:
     """Megatron ``DistributedOptimizer`` layout: ``"fully_reshardable"`` (loads at any TP/PP/DP; slower save)
     or ``"dp_reshardable"`` (faster; loads only at the same TP/PP). See ``docs/megatron.md``."""
 
-    verify_on_resume: bool = False
-    """Verify checksums of every file against the manifest before resuming (sizes are always checked)."""
+    verify_on_resume: bool = True
+    """Check every file's checksum against the manifest on resume (sizes are always checked). The large
+    files are hashed while they are read for the load (no second read; Megatron's files, read by
+    Megatron's own loader, are hashed before it); a mismatch falls back to the previous checkpoint
+    (``latest``) or raises (``from_path``). ``false``: sizes only, the earlier default (a same-size bit flip
+    is then loaded unless it breaks the file's structure). See ``docs/reliability.md``."""
 
     async_save: bool = False
     """Write checkpoints in the background: the step's state is copied into reused host buffers

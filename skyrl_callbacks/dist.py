@@ -10,23 +10,81 @@ import logging
 import traceback
 from typing import Any, Callable, Optional, TypeVar
 
-from skyrl_callbacks.errors import CheckpointError
+from skyrl_callbacks.errors import (
+    CheckpointError,
+    CheckpointLockError,
+    CheckpointNotFoundError,
+    ConfigError,
+    CorruptCheckpointError,
+    IncompatibleCheckpointError,
+    StorageError,
+)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DistContext", "RankFailure"]
+__all__ = ["DistContext", "RankFailure", "error_kind"]
 
 T = TypeVar("T")
 
+#: the error kinds a collective step keeps, most telling first: when ranks fail with different
+#: kinds, the raised error is of the first kind any rank had (a corrupt file on one rank makes
+#: the checkpoint corrupt for all of them)
+ERROR_KINDS: tuple[type, ...] = (CorruptCheckpointError, IncompatibleCheckpointError, CheckpointLockError,
+                                 CheckpointNotFoundError, ConfigError, StorageError)
+
+
+def error_kind(error: BaseException) -> Optional[type]:
+    """The first of :data:`ERROR_KINDS` ``error`` is an instance of (None: another error)."""
+    for kind in ERROR_KINDS:
+        if isinstance(error, kind):
+            return kind
+    return None
+
 
 class RankFailure(CheckpointError):
-    """Raised on every rank when one or more ranks failed a collective checkpoint phase."""
+    """Raised on every rank when one or more ranks failed a collective checkpoint phase.
 
-    def __init__(self, phase: str, failures: dict[int, str]) -> None:
+    The rule for every collective step (:meth:`DistContext.agree`), at every world size: an error
+    on any rank is raised on every rank, of the *kind* the failing rank raised (one of
+    :data:`ERROR_KINDS`), so ``except CorruptCheckpointError`` catches it on every rank whether
+    one process or 64 ran the step. At one process that is the original error; at several it is a
+    ``RankFailure`` that is also an instance of that kind (``RankFailure.of(kind)``), names every
+    failing rank and its message, and keeps each rank's kind in :attr:`kinds` (``{rank: class
+    name}``). The failing rank's own exception is its ``__cause__``.
+    """
+
+    _by_kind: dict = {}
+
+    def __init__(self, phase: str, failures: dict[int, str], kinds: Optional[dict[int, Optional[str]]] = None) -> None:
         lines = "; ".join(f"rank {r}: {msg}" for r, msg in sorted(failures.items()))
         super().__init__(f"{phase} failed on {len(failures)} rank(s): {lines}")
         self.phase = phase
         self.failures = failures
+        self.kinds = dict(kinds or {})
+
+    def has(self, kind: type) -> bool:
+        """Whether any failing rank raised an error of ``kind`` (or a subclass)."""
+        names = {k.__name__ for k in ERROR_KINDS if issubclass(k, kind)}
+        return isinstance(self, kind) or any(n in names for n in self.kinds.values())
+
+    def __reduce__(self) -> Any:  # the per-kind classes are made at run time: pickle by kind name
+        kind = next((k for k in ERROR_KINDS if isinstance(self, k)), None)
+        return _rebuild_rank_failure, (None if kind is None else kind.__name__, self.phase, self.failures, self.kinds)
+
+    @classmethod
+    def of(cls, kind: Optional[type]) -> type:
+        """The ``RankFailure`` class that is also a ``kind`` (``RankFailure`` itself for None)."""
+        if kind is None:
+            return cls
+        if kind not in cls._by_kind:
+            cls._by_kind[kind] = type("RankFailure", (cls, kind), {"__module__": __name__,
+                                                                    "__qualname__": f"RankFailure[{kind.__name__}]"})
+        return cls._by_kind[kind]
+
+
+def _rebuild_rank_failure(kind: Optional[str], phase: str, failures: dict, kinds: dict) -> RankFailure:
+    cls = RankFailure.of(next((k for k in ERROR_KINDS if k.__name__ == kind), None))
+    return cls(phase, failures, kinds)
 
 
 class DistContext:
@@ -80,19 +138,27 @@ class DistContext:
     def agree(self, phase: str, error: Optional[BaseException]) -> None:
         """Collective: raise on every rank if ``error`` is set on any rank.
 
-        The failing rank re-raises its own exception (chained); the others raise
-        :class:`RankFailure` naming the failing ranks and their messages.
+        One process: ``error`` itself. Several: every rank raises ``RankFailure.of(kind)`` (see
+        :class:`RankFailure`) naming the failing ranks and their messages, where ``kind`` is the
+        most telling kind any rank failed with; the failing rank chains its own exception.
         """
-        msg = None if error is None else f"{type(error).__name__}: {error}"
+        if self.world_size == 1 or not self.enabled:
+            if error is not None:
+                raise error
+            return
+        kind = None if error is None else error_kind(error)
+        msg = None if error is None else (f"{type(error).__name__}: {error}", None if kind is None else kind.__name__)
         msgs = self.all_gather(msg)
-        failures = {r: m for r, m in enumerate(msgs) if m is not None}
+        failures = {r: m[0] for r, m in enumerate(msgs) if m is not None}
         if not failures:
             return
+        kinds = {r: m[1] for r, m in enumerate(msgs) if m is not None}
+        seen = set(kinds.values())
+        cls = RankFailure.of(next((k for k in ERROR_KINDS if k.__name__ in seen), None))
+        exc = cls(phase, failures, kinds)
         if error is not None:
-            if self.world_size == 1:
-                raise error
-            raise RankFailure(phase, failures) from error
-        raise RankFailure(phase, failures)
+            raise exc from error
+        raise exc
 
     def run(self, phase: str, fn: Callable[[], T]) -> T:
         """Run ``fn`` on every rank, then :meth:`agree` on the outcome."""

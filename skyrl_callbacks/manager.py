@@ -39,6 +39,8 @@ from skyrl_callbacks.lock import RunLock
 from skyrl_callbacks.manifest import build_manifest, checksum_algo, read_manifest, verify_dir
 from skyrl_callbacks.rng import capture_rng
 from skyrl_callbacks.storage import Storage, make_local_stage, new_token, remove_local_stage
+from skyrl_callbacks.verify import LoadVerification, part_classes, streamable
+from skyrl_callbacks.verify import active as active_verification
 from skyrl_callbacks.writers.base import HF_DIR, RoleWriter, select_writer
 from skyrl_callbacks.writers.plain import torch_load, torch_save
 
@@ -383,7 +385,7 @@ class CheckpointManager:
                 world_size=dist.world_size,
                 strategies={r.name: self.writer_for(r).kind for r in job.roles},
                 algo=algo,
-                extra={"parent_step": job.parent},
+                extra={"parent_step": job.parent, "classes": {r.name: part_classes(r) for r in job.roles}},
             )
             storage.commit(job.staging, job.final, manifest)
             storage.atomic_write(self.pointer_path, f"{int(step)}".encode())
@@ -877,6 +879,143 @@ class CheckpointManager:
             return []  # a SkyRL-native checkpoint: nothing to verify against
         return verify_dir(store, step_dir, checksums=self.config.verify_on_resume if checksums is None else checksums)
 
+    def _check_sizes(self, store: Storage, step_dir: str) -> tuple[list[str], Optional[dict]]:
+        """Rank 0: ``(problems, manifest)`` of ``step_dir``, sizes only (a SkyRL-native checkpoint
+        without a manifest: no problems, no manifest)."""
+        try:
+            manifest = read_manifest(store, step_dir)
+        except (ValueError, OSError) as exc:
+            return [f"manifest unreadable ({exc})"], None
+        if manifest is None and store.supports_rename:
+            return [], None
+        problems = verify_dir(store, step_dir, checksums=False)
+        if manifest is not None and not isinstance(manifest.get("files"), dict):
+            manifest = None
+        return problems, manifest
+
+    def _start_verification(self, store: Storage, step_dir: str, manifest: Optional[dict]) -> Optional[LoadVerification]:
+        """verify_on_resume: the checksums to check while loading, and the files no reader of ours
+        hashes as it reads (small files, Megatron's) hashed now, spread over the ranks. Collective.
+
+        Raises:
+            CorruptCheckpointError: on every rank, when one of those files does not match.
+        """
+        if not self.config.verify_on_resume or manifest is None:
+            return None
+        files = manifest["files"]
+        verification = LoadVerification(store, step_dir, files, manifest.get("checksum_algo", "crc32"))
+        strategies = manifest.get("strategies") or {}
+        before = [rel for rel in verification.tracked if not streamable(rel, strategies)]
+        self._hash_shared(verification, before, step_dir)
+        return verification
+
+    def _finish_verification(self, verification: LoadVerification, cause: Optional[BaseException] = None) -> None:
+        """Collective: every rank's checksums of what it read; the tracked files no rank hashed
+        while reading (object stores, resharded loads, unusual trees) are hashed now.
+
+        Raises:
+            CorruptCheckpointError: on every rank, when any file does not match.
+        """
+        gathered = self.dist.all_gather((sorted(verification.verified), verification.problems))
+        problems: dict[str, str] = {}
+        for verified, probs in gathered:
+            verification.verified.update(verified)
+            problems.update(probs)
+        rest = [rel for rel in verification.tracked if rel not in verification.verified]
+        if rest and cause is None:
+            logger.info("verify_on_resume: %d file(s) not hashed while loading, hashed now: %s", len(rest), rest[:5])
+        try:
+            self._hash_shared(verification, rest, verification.step_dir, problems)
+        except CorruptCheckpointError as exc:
+            raise exc from cause
+
+    def _hash_shared(self, verification: LoadVerification, rels: list, step_dir: str,
+                     problems: Optional[dict] = None) -> None:
+        """Collective: hash ``rels`` (each rank a share, largest first, 4 threads per rank) against
+        the manifest; raise on every rank if any of them, or ``problems``, failed."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from skyrl_callbacks.manifest import hash_file
+
+        dist, store = self.dist, verification.storage
+        load = [0] * dist.world_size
+        mine = []
+        for rel in sorted(rels, key=lambda r: (-verification.size_of(r), r)):
+            owner = load.index(min(load))
+            load[owner] += verification.size_of(rel) + 1
+            if owner == dist.rank:
+                mine.append(rel)
+
+        def check(rel: str) -> Optional[str]:
+            path = store.join(step_dir, rel)
+            try:
+                _size, digest = hash_file(store, path, verification.algo)
+            except (OSError, ValueError) as exc:
+                return f"{rel}: cannot be read ({exc})"
+            verification.record(path, digest)
+            return verification.problems.get(rel)
+
+        local: dict[str, str] = {}
+        if mine:
+            with ThreadPoolExecutor(max_workers=min(4, len(mine)), thread_name_prefix="skyrl-verify") as pool:
+                for rel, problem in zip(mine, pool.map(check, mine)):
+                    if problem:
+                        local[rel] = problem
+        found = dict(problems or {})
+        if rels:
+            for part in dist.all_gather(local):
+                found.update(part)
+        if found:
+            listed = [found[k] for k in sorted(found)]
+            raise CorruptCheckpointError(f"{step_dir}: failed verification: {'; '.join(listed[:5])}")
+
+    def _check_parts(self, roles: Sequence["Role"], step_dir: str, store: Storage, manifest: Optional[dict]) -> None:
+        """The optimizer and scheduler classes against those recorded at save (checkpoints
+        without the record: skipped); parts of the checkpoint this run has no place for are
+        named in a warning (rank 0).
+
+        Raises:
+            IncompatibleCheckpointError: an optimizer or scheduler of another class than saved.
+        """
+        recorded = (manifest or {}).get("classes") or {}
+        if manifest is not None:
+            files = list(manifest.get("files") or {})
+            saved_roles = set(manifest.get("strategies") or {}) or {f.split("/", 1)[0] for f in files if "/" in f}
+        else:
+            saved_roles = {n.rstrip("/") for n in store.listdir(step_dir) if "." not in n}
+            files = []
+        dropped = [f"{name}/ (the {name} role)" for name in sorted(saved_roles - {r.name for r in roles})
+                   if not name.startswith(".") and name not in (TRAINER_STATE_FILE, DATA_FILE)]
+        for role in roles:
+            saved = recorded.get(role.name)
+            live = part_classes(role)
+            if isinstance(saved, dict):
+                for what, label in (("optimizers", "optimizer"), ("schedulers", "lr_scheduler")):
+                    old, new = list(saved.get(what) or []), live[what]
+                    if old and not new:
+                        dropped.append(f"{role.name}'s {label} state ({', '.join(old)})")
+                    elif len(old) == len(new):
+                        for i, (a, b) in enumerate(zip(old, new)):
+                            if a != b:
+                                raise IncompatibleCheckpointError(
+                                    f"{step_dir}: {role.name} {label} {i} was saved as {a} but this run has {b}. "
+                                    f"Resume with a {a}, or start fresh with resume_mode='none' (or another "
+                                    f"ckpt_path) to train with {b}."
+                                )
+                continue
+            if role.name not in saved_roles:
+                continue
+            names = files or [f"{role.name}/{n}" for n in store.listdir(store.join(step_dir, role.name))]
+            for prefix, label, objs in (("optimizer_state", "optimizer", role.optimizers),
+                                        ("lr_scheduler_state", "lr_scheduler", role.schedulers)):
+                if not objs and any(n.startswith(f"{role.name}/{prefix}") for n in names):
+                    dropped.append(f"{role.name}'s {label} state")
+        if dropped and self.dist.is_main:
+            logger.warning(
+                "resume from %s: the checkpoint holds %s, which this run has no place for: not loaded "
+                "(the next save will not have them)", step_dir, "; ".join(dropped),
+            )
+
     def _store_for(self, path: str) -> Storage:
         root = self.storage.root.rstrip("/")
         if path.startswith(root):
@@ -893,9 +1032,12 @@ class CheckpointManager:
         self.wait()  # an in-flight async save commits before anything is read
         dist = self.dist
         store = self._store_for(step_dir)
-        problems = dist.broadcast(dist.run_on_main("verify", lambda: self.verify(step_dir)))
+        # rank 0: sizes against the manifest (no file read); the checksums are checked below
+        problems, manifest = dist.broadcast(dist.run_on_main("verify", lambda: self._check_sizes(store, step_dir)))
         if problems:
             raise CorruptCheckpointError(f"{step_dir}: failed verification: {'; '.join(problems[:5])}")
+        verification = self._start_verification(store, step_dir, manifest)
+        self._check_parts(roles, step_dir, store, manifest)
 
         def load_roles() -> None:
             present = set(store.listdir(step_dir))
@@ -909,7 +1051,16 @@ class CheckpointManager:
             for role in roles:
                 self.writer_for(role).load(store, store.join(step_dir, role.name), role, dist)
 
-        dist.run("load model/optimizer state", load_roles)
+        try:
+            with active_verification(verification):
+                dist.run("load model/optimizer state", load_roles)
+        except Exception as exc:
+            if verification is not None:
+                # a bit flip can look like a mismatch or a torn file: a checksum that fails says which
+                self._finish_verification(verification, cause=exc)
+            raise
+        if verification is not None:
+            self._finish_verification(verification)
         trainer_state = torch_load(store, store.join(step_dir, TRAINER_STATE_FILE))
         data_path = store.join(step_dir, DATA_FILE)
         data = torch_load(store, data_path) if store.exists(data_path) else None

@@ -234,40 +234,11 @@ def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
     return obj
 
 
-def _raise_collectively(dist: "DistContext", phase: str, error: Optional[BaseException]) -> None:
-    """Collective: if any rank failed, every rank raises a typed error.
-
-    The failing rank re-raises its own exception; the others raise the same class (when it is one
-    of ours) with the failing rank's message, so callers can rely on the exception type
-    (``IncompatibleCheckpointError`` ...) on every rank, not only where it happened.
-    """
-    msg = None if error is None else (type(error).__name__, str(error))
-    msgs = dist.all_gather(msg)
-    failures = {r: m for r, m in enumerate(msgs) if m is not None}
-    if not failures:
-        return
-    if error is not None:
-        raise error
-    rank, (cls_name, text) = sorted(failures.items())[0]
-    cls = {
-        "IncompatibleCheckpointError": IncompatibleCheckpointError,
-        "CorruptCheckpointError": CorruptCheckpointError,
-        "StorageError": StorageError,
-        "ConfigError": ConfigError,
-    }.get(cls_name, CheckpointError)
-    others = f" (and {len(failures) - 1} more rank(s))" if len(failures) > 1 else ""
-    raise cls(f"{phase} failed on rank {rank}{others}: {text}")
-
-
 def _collective(dist: "DistContext", phase: str, fn: Callable[[], Any]) -> Any:
-    error: Optional[BaseException] = None
-    result = None
-    try:
-        result = fn()
-    except Exception as exc:  # noqa: BLE001 - raised collectively below
-        error = exc
-    _raise_collectively(dist, phase, error)
-    return result
+    """``dist.run``: an error on any rank is raised on every rank by the one rule of
+    :meth:`DistContext.agree` (the failing rank's kind of error; a ``RankFailure`` naming the ranks
+    at several)."""
+    return dist.run(phase, fn)
 
 
 _write_json = write_json
@@ -638,6 +609,7 @@ def _parallel_file_reader(path: str, threads: int) -> Any:
     from torch.distributed.checkpoint.planner import LoadItemType
     from torch.futures import Future
 
+    from skyrl_callbacks.verify import current as current_verification
     from skyrl_callbacks.writers.plain import _READ_CHUNK, _pread_into, _read_chunk
 
     class _ParallelFileReader(FileSystemReader):
@@ -683,9 +655,18 @@ def _parallel_file_reader(path: str, threads: int) -> Any:
                     else:
                         mv = memoryview(flat.numpy())
                         chunks += [(key, offset + i, mv[i:i + _READ_CHUNK]) for i in range(0, nbytes, _READ_CHUNK)]
+                hashers = self._hashers(root, fds, entries, chunks, order)
+                if hashers:
+                    def fetch(key: tuple, _fetch: Any = fetch) -> Any:  # noqa: F811 - the bytes hashed too
+                        buf = _fetch(key)
+                        if key[0] in hashers:
+                            hashers[key[0]].feed(key[1], buf)
+                        return buf
+
                 window = max(1, threads) * _READ_AHEAD_PER_THREAD
                 with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="skyrl-dcp-read") as pool:
-                    reads = [pool.submit(_read_chunk, fds[key[0]], dst, offset, os.path.join(root, key[0]))
+                    reads = [pool.submit(_read_chunk, fds[key[0]], dst, offset, os.path.join(root, key[0]),
+                                         hashers.get(key[0]))
                              for key, offset, dst in chunks]
                     pending = [pool.submit(fetch, key) for key in order[:window]]
                     for i, key in enumerate(order):
@@ -712,12 +693,39 @@ def _parallel_file_reader(path: str, threads: int) -> Any:
                         fut.result()
                 for key, (target, _offset, _nbytes) in direct:
                     planner.commit_tensor(entries[key][0], target)
+                verification = current_verification()
+                for rel, hasher in hashers.items():
+                    verification.record(os.path.join(root, rel), hasher.hexdigest())
             finally:
                 for fd in fds.values():
                     os.close(fd)
             fut: Future = Future()
             fut.set_result(None)
             return fut
+
+        def _hashers(self, root: str, fds: dict, entries: dict, chunks: list, order: list) -> dict:
+            """verify_on_resume: an :class:`~skyrl_callbacks.verify.OrderedHash` per file this rank
+            reads every entry of (at the saving world size, its own ``__{rank}_*.distcp``); files
+            other ranks read parts of (resharding) are hashed after the load instead."""
+            verification = current_verification()
+            if verification is None:
+                return {}
+            in_file: dict[str, set] = {}
+            for md in self.storage_data.values():
+                in_file.setdefault(md.relative_path, set()).add((md.relative_path, md.offset, md.length))
+            regions: dict[str, list] = {}
+            for key, offset, dst in chunks:
+                regions.setdefault(key[0], []).append((offset, dst.numel() if isinstance(dst, torch.Tensor) else dst.nbytes))
+            for key in order:
+                regions.setdefault(key[0], []).append((key[1], key[2]))
+            out = {}
+            for rel, fd in fds.items():
+                if not in_file.get(rel, set()) <= set(entries):
+                    continue
+                hasher = verification.hash_for(os.path.join(root, rel), fd, os.fstat(fd).st_size, regions.get(rel, []))
+                if hasher is not None:
+                    out[rel] = hasher
+            return out
 
     return _ParallelFileReader(path)
 
