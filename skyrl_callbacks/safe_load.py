@@ -133,6 +133,11 @@ def _metadata_globals() -> dict[tuple[str, str], Any]:
             allowed[(dcp_md.__name__, name)] = getattr(dcp_md, name)
     allowed[(dcp_fs.__name__, "_StorageInfo")] = dcp_fs._StorageInfo
     allowed[("torch", "Size")] = torch.Size
+    allowed[("torch.serialization", "_get_layout")] = torch.serialization._get_layout  # a lookup by name
+    import pathlib
+
+    for name in ("PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"):  # StorageMeta.checkpoint_id
+        allowed[("pathlib", name)] = getattr(pathlib, name)
     allowed[("collections", "OrderedDict")] = __import__("collections").OrderedDict
     for name in dir(torch):
         value = getattr(torch, name, None)
@@ -178,9 +183,10 @@ class _SafeBytesPlanner:
     """A load planner whose ``load_bytes`` first loads the entry ``weights_only=True`` (DCP's
     own ``load_bytes`` uses ``weights_only=False``); everything else is the planner's."""
 
-    def __init__(self, planner: Any, path: str) -> None:
+    def __init__(self, planner: Any, path: str, reader: Any = None) -> None:
         self._planner = planner
         self._path = path
+        self._reader = reader
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._planner, name)
@@ -188,7 +194,12 @@ class _SafeBytesPlanner:
     def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
         where = f"{self._path} (entry {read_item.dest_index.fqn!r})"
         pos = value.tell()
-        safe_torch_load(value, where, map_location="cpu")  # raises unless weights-only or trusted
+        try:
+            safe_torch_load(value, where, map_location="cpu")  # raises unless weights-only or trusted
+        except UntrustedCheckpointError as exc:
+            if self._reader is not None:
+                self._reader.skyrl_untrusted = exc
+            raise
         value.seek(pos)
         self._planner.load_bytes(read_item, value)
 
@@ -204,7 +215,11 @@ def guard_dcp_reader(reader: Any, path: str) -> Any:
     def read_metadata(*args: Any, **kwargs: Any) -> Any:
         md_path = reader._get_metadata_path(kwargs.get("rank"))
         with reader.fs.create_stream(md_path, "rb") as fh:
-            metadata = load_dcp_metadata(fh, str(md_path))
+            try:
+                metadata = load_dcp_metadata(fh, str(md_path))
+            except UntrustedCheckpointError as exc:
+                reader.skyrl_untrusted = exc  # DCP reports a failed metadata read as a plain string
+                raise
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = reader.load_id
@@ -213,7 +228,7 @@ def guard_dcp_reader(reader: Any, path: str) -> Any:
     original_read_data = reader.read_data
 
     def read_data(plan: Any, planner: Any) -> Any:
-        return original_read_data(plan, _SafeBytesPlanner(planner, path))
+        return original_read_data(plan, _SafeBytesPlanner(planner, path, reader))
 
     reader.read_metadata = read_metadata
     reader.read_data = read_data
@@ -338,3 +353,44 @@ def warn_non_portable(obj: Any, file: str, where: str) -> None:
             "this checkpoint will need %s: true. Keep tensors, numbers, strings, lists and dicts in that state.",
             file, path, type_name, TRUST_KEY,
         )
+
+
+def find_untrusted(exc: BaseException, reader: Any = None) -> Optional[UntrustedCheckpointError]:
+    """The :class:`UntrustedCheckpointError` inside ``exc`` (itself, its cause/context, one of
+    DCP's per-rank ``failures``, or the one a :func:`guard_dcp_reader` ``reader`` raised and DCP
+    turned into text), or None."""
+    if isinstance(getattr(reader, "skyrl_untrusted", None), UntrustedCheckpointError):
+        return reader.skyrl_untrusted
+    seen: set = set()
+    todo: list = [exc]
+    while todo:
+        cur = todo.pop(0)
+        if cur is None or id(cur) in seen or not isinstance(cur, BaseException):
+            continue
+        seen.add(id(cur))
+        if isinstance(cur, UntrustedCheckpointError):
+            return cur
+        failures = getattr(cur, "failures", None)
+        if isinstance(failures, dict):
+            for wrapped in failures.values():
+                todo.append(wrapped[0] if isinstance(wrapped, tuple) and wrapped else wrapped)
+        todo += [cur.__cause__, cur.__context__]
+    return None
+
+
+def check_torch_file(path: str, *, trust: Optional[bool] = None) -> None:
+    """Load the local ``torch.save`` file ``path`` weights-only (when it exists) before a loader we
+    do not control reads it; raises :class:`UntrustedCheckpointError` unless trusted, and
+    :class:`~skyrl_callbacks.errors.CorruptCheckpointError` naming the file when it is unreadable."""
+    import os
+
+    from skyrl_callbacks.errors import CorruptCheckpointError
+
+    if not os.path.exists(path):
+        return
+    try:
+        safe_torch_load(path, path, map_location="cpu", trust=trust)
+    except UntrustedCheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - torn file
+        raise CorruptCheckpointError(f"{path}: cannot be read ({type(exc).__name__}: {exc}).") from exc

@@ -44,6 +44,7 @@ from skyrl_callbacks.errors import (
     CorruptCheckpointError,
     IncompatibleCheckpointError,
     StorageError,
+    UntrustedCheckpointError,
 )
 from skyrl_callbacks.staging import Stager, _is_dtensor, _is_sharded_tensor
 from skyrl_callbacks.writers.base import (
@@ -250,6 +251,7 @@ def _raise_collectively(dist: "DistContext", phase: str, error: Optional[BaseExc
         raise error
     rank, (cls_name, text) = sorted(failures.items())[0]
     cls = {
+        "UntrustedCheckpointError": UntrustedCheckpointError,
         "IncompatibleCheckpointError": IncompatibleCheckpointError,
         "CorruptCheckpointError": CorruptCheckpointError,
         "StorageError": StorageError,
@@ -777,7 +779,9 @@ def _dcp_save(state: dict, storage: "Storage", path: str, dist: Optional["DistCo
 def _dcp_load(state: dict, storage: "Storage", path: str, dist: Optional["DistContext"]) -> None:
     import torch.distributed.checkpoint as dcp
 
-    reader = _dcp_reader(storage, path)
+    from skyrl_callbacks.safe_load import find_untrusted, guard_dcp_reader
+
+    reader = guard_dcp_reader(_dcp_reader(storage, path), path)  # no load executes code from the files
     no_dist = dist is None or not dist.enabled
     planner = None
     if any(_is_sharded_tensor(t) and not t.local_shards() for _, t in _walk_tensors(state)):
@@ -796,6 +800,9 @@ def _dcp_load(state: dict, storage: "Storage", path: str, dist: Optional["DistCo
     except BaseException as exc:
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
+        untrusted = find_untrusted(exc, reader)
+        if untrusted is not None:
+            raise untrusted from exc
         raise CorruptCheckpointError(f"{path}: reading the sharded checkpoint failed: {_dcp_failures(exc)}") from exc
 
 
@@ -817,10 +824,14 @@ def _short(exc: BaseException, limit: int = 600) -> str:
 
 
 def _dcp_metadata(storage: "Storage", path: str):
-    reader = _dcp_reader(storage, path)
+    from skyrl_callbacks.safe_load import guard_dcp_reader
+
+    reader = guard_dcp_reader(_dcp_reader(storage, path), path)  # .metadata: a restricted unpickler
     try:
         with _quiet():
             return reader.read_metadata()
+    except UntrustedCheckpointError:
+        raise
     except FileNotFoundError as exc:
         raise CorruptCheckpointError(f"{path}: {_DCP_METADATA} is missing ({exc}).") from exc
     except Exception as exc:  # noqa: BLE001

@@ -831,10 +831,19 @@ class MegatronWriter(RoleWriter):
             state = self._state(role, loading=True, sharding=sharding, layout=layout, with_rng=rng_ok)
             from torch.distributed.checkpoint import FileSystemReader
 
+            from skyrl_callbacks.errors import UntrustedCheckpointError
+            from skyrl_callbacks.safe_load import check_dcp_bytes, check_torch_file, guard_dcp_reader
+
             try:
-                metadata = FileSystemReader(path).read_metadata()
+                # no load executes code: .metadata through a restricted unpickler, byte entries and
+                # common.pt weights-only (Megatron's own loader reads them afterwards)
+                metadata = guard_dcp_reader(FileSystemReader(path), path).read_metadata()
+                check_dcp_bytes(path, metadata)
+            except UntrustedCheckpointError:
+                raise
             except Exception as exc:  # noqa: BLE001
                 raise CorruptCheckpointError(f"{path}: .metadata cannot be read ({_short(exc)}).") from exc
+            check_torch_file(os.path.join(path, "common.pt"))
             self._check_keys(state, metadata, path)
             return state, rng_ok, why
 
