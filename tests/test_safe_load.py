@@ -277,3 +277,71 @@ def test_cli_inspect_and_export_never_execute_a_planted_pickle(tmp_path):
     res = cli("inspect", step_dir, "--trust-checkpoint-code")
     assert res.returncode == 0, res.stderr
     assert os.path.exists(marker)
+
+
+# --------------------------------------------------------------------------- Lightning, end to end
+def lightning_fit(root, max_steps, extra=None, callbacks=()):
+    pl = pytest.importorskip("lightning.pytorch")
+    import pathlib
+
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+    from torch.utils.data import TensorDataset
+
+    from skyrl_callbacks import ResumableDataLoader, SkyRLCheckpoint
+
+    class Module(pl.LightningModule):
+        def __init__(self, lr=0.1, data_dir=pathlib.Path("/data")):
+            super().__init__()
+            self.save_hyperparameters()  # a Path among them: recorded as a string
+            self.net = torch.nn.Linear(4, 1)
+
+        def training_step(self, batch, batch_idx):
+            loss = self.net(batch[0]).pow(2).mean()
+            self.log("loss", loss)
+            return loss
+
+        def on_save_checkpoint(self, checkpoint):
+            checkpoint.update(extra or {})
+
+        def configure_optimizers(self):
+            opt = torch.optim.AdamW(self.net.parameters(), lr=0.1)
+            return [opt], [torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=100)]
+
+    torch.manual_seed(0)
+    np.random.seed(0)
+    cb = SkyRLCheckpoint({"ckpt_interval": 2, "ckpt_path": root})
+    early = EarlyStopping("loss", patience=1000)
+    trainer = pl.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0,
+                         callbacks=[cb, ModelCheckpoint(dirpath=root + "_mc", monitor="loss"), early, *callbacks])
+    module = Module()
+    trainer.fit(module, ResumableDataLoader(TensorDataset(torch.randn(6, 4)), batch_size=1, shuffle=True))
+    return trainer, module, cb, early
+
+
+def test_lightning_checkpoint_loads_weights_only_end_to_end(tmp_path):
+    root = str(tmp_path / "ckpts")
+    lightning_fit(root, max_steps=4)
+    step_dir = os.path.join(root, "global_step_4")
+    for d, _, fs in os.walk(step_dir):
+        for f in fs:
+            if f.endswith(".pt"):
+                torch.load(os.path.join(d, f), weights_only=True)
+    ts = torch.load(os.path.join(step_dir, "trainer_state.pt"), weights_only=True)
+    assert ts["lightning"]["hparams"]["data_dir"] == "/data"
+    assert any(k.startswith("EarlyStopping") for k in ts["lightning"]["callbacks"])
+    _, module, cb, early = lightning_fit(root, max_steps=6)  # resumes from step 4 under weights_only loads
+    assert cb.resumed_step == 4 and cb.step == 6
+    assert os.path.isdir(os.path.join(root, "global_step_6"))
+
+
+def test_lightning_user_state_that_needs_unpickling_is_reported_at_save(tmp_path, caplog):
+    root = str(tmp_path / "ckpts")
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="skyrl_callbacks.safe_load"):
+        lightning_fit(root, max_steps=2, extra={"normaliser": np.float32(1.5)})
+    assert "trainer_state.pt: ['lightning']['module_checkpoint']['normaliser'] is a numpy.float32" in caplog.text
+    assert "trust_checkpoint_code: true" in caplog.text
+    with pytest.raises(UntrustedCheckpointError, match=r"trainer_state\.pt: refused to load: it holds GLOBAL numpy"):
+        lightning_fit(root, max_steps=4)
