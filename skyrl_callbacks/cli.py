@@ -874,6 +874,15 @@ def _load_pt_lazy(st: Storage, path: str, *, weights_only: bool = True, need_dat
     return obj
 
 
+def _raise_untrusted(exc: BaseException, reader: Any) -> None:
+    """Re-raise the refusal of an untrusted file that DCP wrapped (or turned into text)."""
+    from skyrl_callbacks.safe_load import find_untrusted
+
+    untrusted = find_untrusted(exc, reader)
+    if untrusted is not None:
+        raise untrusted from exc
+
+
 class _DcpSource:
     """Reads a DCP directory offline (one process, no process group), one key at a time."""
 
@@ -913,6 +922,7 @@ class _DcpSource:
         except BaseException as exc:  # DCP raises CheckpointException (a BaseException)
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
+            _raise_untrusted(exc, self.reader)
             raise CorruptCheckpointError(f"{self.path}: reading {key!r} failed ({type(exc).__name__}: {str(exc)[:400]}).") from exc
         return t
 
@@ -928,6 +938,7 @@ class _DcpSource:
         except BaseException as exc:
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
+            _raise_untrusted(exc, self.reader)
             raise CorruptCheckpointError(f"{self.path}: reading {sorted(keys)[:3]} failed ({type(exc).__name__}: {exc}).") from exc
 
     def entries(self) -> list[_Entry]:
