@@ -56,7 +56,6 @@ TRUST_FLAG = "--trust-checkpoint-code"
 
 _TRUST: contextvars.ContextVar[bool] = contextvars.ContextVar("skyrl_trust_checkpoint_code", default=False)
 _GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
-_REASON_RE = re.compile(r"WeightsUnpickler error: ([^\n]*)")
 
 
 @contextlib.contextmanager
@@ -76,18 +75,17 @@ def trusted() -> bool:
 
 
 def refused_what(exc: BaseException) -> Optional[str]:
-    """What a ``weights_only`` load refused (``"GLOBAL posix.system"``, ``"Unsupported operand 82"``...),
-    or None when ``exc`` is not such a refusal (a torn file, a missing file...)."""
+    """The global a ``weights_only`` load refused (``"GLOBAL posix.system"``), or None when ``exc``
+    is no such refusal. Code can only be reached through a global, so other weights-only failures
+    (``Unsupported operand ...``: a flipped bit in the pickle, a torn file) are corruption, reported
+    as such and never retried with ``weights_only=False``."""
     if not isinstance(exc, pickle.UnpicklingError):
         return None
     text = str(exc)
     if "Weights only load failed" not in text and "WeightsUnpickler" not in text:
         return None
     match = _GLOBAL_RE.search(text)
-    if match:
-        return f"GLOBAL {match.group(1)}"
-    match = _REASON_RE.search(text)
-    return match.group(1).strip() if match else "an object a weights-only load does not allow"
+    return f"GLOBAL {match.group(1)}" if match else None
 
 
 def untrusted_error(path: str, what: str) -> UntrustedCheckpointError:
@@ -132,6 +130,12 @@ def _metadata_globals() -> dict[tuple[str, str], Any]:
         if hasattr(dcp_md, name):
             allowed[(dcp_md.__name__, name)] = getattr(dcp_md, name)
     allowed[(dcp_fs.__name__, "_StorageInfo")] = dcp_fs._StorageInfo
+    from torch.distributed.checkpoint import planner as dcp_planner
+
+    # Megatron's metadata also keeps the save plans (``all_local_plans``): DCP's plain dataclasses/enums
+    for name in ("SavePlan", "WriteItem", "TensorWriteData", "WriteItemType", "LoadPlan", "ReadItem", "LoadItemType"):
+        if hasattr(dcp_planner, name):
+            allowed[(dcp_planner.__name__, name)] = getattr(dcp_planner, name)
     allowed[("torch", "Size")] = torch.Size
     allowed[("torch.serialization", "_get_layout")] = torch.serialization._get_layout  # a lookup by name
     import pathlib

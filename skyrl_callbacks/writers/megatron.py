@@ -331,7 +331,9 @@ def _capture_rng() -> dict:
     try:
         import numpy as np
 
-        state["numpy"] = np.random.get_state()
+        from skyrl_callbacks.rng import _numpy_to_portable
+
+        state["numpy"] = _numpy_to_portable(np.random.get_state())  # tensors/primitives: loads weights-only
     except ImportError:  # pragma: no cover
         pass
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -358,7 +360,9 @@ def _restore_rng(state: dict) -> None:
         try:
             import numpy as np
 
-            np.random.set_state(state["numpy"])
+            from skyrl_callbacks.rng import _numpy_from_portable
+
+            np.random.set_state(_numpy_from_portable(state["numpy"]))  # also the raw tuple of older versions
         except ImportError:  # pragma: no cover
             pass
     if "torch_cuda" in state and torch.cuda.is_available():
