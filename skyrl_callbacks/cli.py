@@ -1110,14 +1110,14 @@ def _inspect_role(st: Storage, role_dir: str, name: str, files: dict[str, int], 
     elif layout == "skyrl-native":
         world = _native_world(files)
         doc["native"] = {"world_size": world, "files": sorted(f for f in files if _NATIVE_RE.match(f))}
-        sd = _load_pt_lazy(st, st.join(role_dir, f"model_world_size_{world}_rank_0.pt"), weights_only=False, tmp_dir=tmp)
+        sd = _load_pt_lazy(st, st.join(role_dir, f"model_world_size_{world}_rank_0.pt"), tmp_dir=tmp)
         doc["model"] = _model_summary(
             _tensor_rows((n, t.shape, t.dtype) for n, t in _walk_tensors(sd)),
             f"model_world_size_{world}_rank_0.pt (global shapes)",
         )
         optim = f"optim_world_size_{world}_rank_0.pt"
         if optim in files:
-            osd = _load_pt_lazy(st, st.join(role_dir, optim), weights_only=False, tmp_dir=tmp)
+            osd = _load_pt_lazy(st, st.join(role_dir, optim), tmp_dir=tmp)
             doc["optimizer"] = _optim_summary_pt(osd, optim)
         extra = f"extra_state_world_size_{world}_rank_0.pt"
         if extra in files:

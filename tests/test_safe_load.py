@@ -345,3 +345,30 @@ def test_lightning_user_state_that_needs_unpickling_is_reported_at_save(tmp_path
     assert "trust_checkpoint_code: true" in caplog.text
     with pytest.raises(UntrustedCheckpointError, match=r"trainer_state\.pt: refused to load: it holds GLOBAL numpy"):
         lightning_fit(root, max_steps=4)
+
+
+def test_no_other_code_executing_load_in_the_package():
+    """Every ``torch.load`` in the package passes ``weights_only=True`` and nothing calls
+    ``pickle.load(s)`` or builds an unrestricted Unpickler, except the trusted fallback in
+    safe_load.py (reached only with trust_checkpoint_code)."""
+    import ast
+    import pathlib
+
+    import skyrl_callbacks
+
+    bad = []
+    for path in pathlib.Path(skyrl_callbacks.__file__).parent.rglob("*.py"):
+        if path.name == "safe_load.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+                continue
+            owner = node.func.value.id if isinstance(node.func.value, ast.Name) else None
+            where = f"{path.name}:{node.lineno}"
+            if owner == "torch" and node.func.attr == "load":
+                kw = {k.arg: k.value for k in node.keywords}
+                if not (isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True):
+                    bad.append(f"{where} torch.load without weights_only=True")
+            if owner == "pickle" and node.func.attr in ("load", "loads", "Unpickler"):
+                bad.append(f"{where} pickle.{node.func.attr}")
+    assert not bad, bad
