@@ -106,7 +106,17 @@ def safe_torch_load(f: Union[str, BinaryIO], path: str, *, map_location: Any = "
     (``trust``, default: the :func:`trusting` context), else :class:`UntrustedCheckpointError`
     names ``path``, the refused global and the opt-in. Other errors (torn files...) propagate."""
     try:
-        return torch.load(f, map_location=map_location, weights_only=True, mmap=mmap)
+        try:
+            return torch.load(f, map_location=map_location, weights_only=True, mmap=mmap)
+        except pickle.UnpicklingError as exc:
+            # DTensors (SkyRL's per-rank FSDP files) are allowed, once torch.distributed.tensor is imported
+            if "torch.distributed.tensor`` must be imported" not in str(exc) or not torch.distributed.is_available():
+                raise
+            __import__("importlib").import_module("torch.distributed.tensor")
+
+            if not isinstance(f, str):
+                f.seek(0)
+            return torch.load(f, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         what = refused_what(exc)
         if what is None:
