@@ -279,7 +279,7 @@ _LEAF_TYPES = frozenset({str, bytes, bytearray, int, float, bool, complex, type(
                          torch.dtype, torch.device, torch.Size})
 _TENSOR_TYPES = frozenset({torch.Tensor, torch.nn.Parameter})
 _MAPPING_TYPES = frozenset({dict, __import__("collections").OrderedDict, __import__("collections").Counter})
-_SEQUENCE_TYPES = frozenset({list, tuple, set, frozenset})
+_SEQUENCE_TYPES = frozenset({list, tuple, set})  # not frozenset: weights_only refuses it
 
 
 def _type_name(obj: Any) -> str:
@@ -326,7 +326,9 @@ def to_portable(obj: Any) -> Any:
     if cls in _MAPPING_TYPES:
         return {(k if type(k) in _LEAF_TYPES else repr(k)): to_portable(v) for k, v in obj.items()}
     if cls in _SEQUENCE_TYPES:
-        return [to_portable(v) for v in obj] if cls in (set, frozenset) else cls(to_portable(v) for v in obj)
+        return cls(to_portable(v) for v in obj)
+    if cls is frozenset:
+        return [to_portable(v) for v in obj]
     if isinstance(obj, torch.Tensor):
         return obj.detach().as_subclass(torch.Tensor) if obj.layout == torch.strided else repr(obj)
     import enum

@@ -372,3 +372,28 @@ def test_no_other_code_executing_load_in_the_package():
             if owner == "pickle" and node.func.attr in ("load", "loads", "Unpickler"):
                 bad.append(f"{where} pickle.{node.func.attr}")
     assert not bad, bad
+
+
+def test_recorded_values_are_made_portable(tmp_path):
+    """Hyperparameters / config extras (recorded, not restored) are converted to values a
+    weights-only load accepts; non_portable finds exactly what it would refuse."""
+    import enum
+    import pathlib
+
+    from skyrl_callbacks.safe_load import non_portable, to_portable
+
+    class Mode(enum.Enum):
+        A = "a"
+
+    obj = {"path": pathlib.Path("/data"), "frozen": frozenset({1}), "set": {1}, "f32": np.float32(1.5),
+           "i64": np.int64(3), "arr": np.arange(3), "mode": Mode.A, "nested": (1, [{"flag": np.bool_(True)}])}
+    found = dict(non_portable(obj))
+    assert found == {"['path']": "pathlib.PosixPath", "['frozen']": "builtins.frozenset", "['f32']": "numpy.float32",
+                     "['i64']": "numpy.int64", "['arr']": "numpy.ndarray", "['nested'][1][0]['flag']": "numpy.bool",
+                     "['mode']": f"{__name__}.{Mode.__qualname__}"}
+    portable = to_portable(obj)
+    assert non_portable(portable) == []
+    torch.save(portable, tmp_path / "p.pt")
+    back = torch.load(tmp_path / "p.pt", weights_only=True)
+    assert back["path"] == "/data" and back["f32"] == 1.5 and back["mode"] == "a" and back["frozen"] == [1]
+    assert torch.equal(back["arr"], torch.arange(3)) and back["nested"] == (1, [{"flag": True}])
