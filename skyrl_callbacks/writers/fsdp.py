@@ -1560,6 +1560,20 @@ class FSDPWriter(RoleWriter):
                 f"{len(role.optimizers)}."
             )
 
+        # before any file is read (the files may need trust_checkpoint_code)
+        if role.include_prefix:
+            raise IncompatibleCheckpointError(
+                f"{role_dir}: is a SkyRL native FSDP checkpoint (per-rank files of one whole FSDP model), but "
+                f"the {role.name} role is the part {role.include_prefix!r} of a larger FSDP root (Lightning's "
+                f"FSDPStrategy); its per-rank shards cannot be mapped onto that root. Convert it with "
+                f"`{CONVERT_HINT}` first; the converted layout loads into such a role."
+            )
+        if role.exclude_prefixes:
+            raise IncompatibleCheckpointError(
+                f"{role_dir}: SkyRL native checkpoints hold a whole model; roles with excluded prefixes "
+                f"{role.exclude_prefixes} are not supported for them."
+            )
+
         def _read() -> tuple:
             model_sd = torch_load(storage, storage.join(role_dir, _native_name("model", world, dist.rank)))
             osd = None
@@ -1578,18 +1592,6 @@ class FSDPWriter(RoleWriter):
             model_sd, osd, extra = _collective(dist, "fsdp load (read SkyRL native files)", _read)
 
         def _apply() -> None:
-            if role.include_prefix:
-                raise IncompatibleCheckpointError(
-                    f"{role_dir}: is a SkyRL native FSDP checkpoint (per-rank files of one whole FSDP model), but "
-                    f"the {role.name} role is the part {role.include_prefix!r} of a larger FSDP root (Lightning's "
-                    f"FSDPStrategy); its per-rank shards cannot be mapped onto that root. Convert it with "
-                    f"`{CONVERT_HINT}` first; the converted layout loads into such a role."
-                )
-            if role.exclude_prefixes:
-                raise IncompatibleCheckpointError(
-                    f"{role_dir}: SkyRL native checkpoints hold a whole model; roles with excluded prefixes "
-                    f"{role.exclude_prefixes} are not supported for them."
-                )
             with _quiet(), _native_state_ctx(role.model, strategy):
                 try:
                     role.model.load_state_dict(model_sd, strict=True)
