@@ -16,6 +16,7 @@ from skyrl_callbacks.errors import (
     ConfigError,
     CorruptCheckpointError,
     IncompatibleCheckpointError,
+    UntrustedCheckpointError,
     MissingDependencyError,
     StorageError,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "CorruptCheckpointError",
     "IncompatibleCheckpointError",
+    "UntrustedCheckpointError",
     "StorageError",
     "CheckpointLockError",
     "MissingDependencyError",

@@ -24,6 +24,7 @@ from skyrl_callbacks.config import CheckpointConfig
 from skyrl_callbacks.dist import DistContext
 from skyrl_callbacks.manager import CheckpointManager, SaveResult
 from skyrl_callbacks.rng import restore_rng
+from skyrl_callbacks.safe_load import to_portable
 from skyrl_callbacks.roles import REF_ATTRS, Role, assign_optimizers, discover_roles
 
 try:  # Lightning is optional: without it SkyRLCheckpoint still drives Accelerate/plain loops
@@ -229,7 +230,7 @@ class SkyRLCheckpoint(_CallbackBase):
             "epoch": trainer.current_epoch,
             "module_extra_state": self._extra_module_state(pl_module, roles),
             "module_checkpoint": extras,
-            "hparams": dict(getattr(pl_module, "hparams", {}) or {}),
+            "hparams": to_portable(dict(getattr(pl_module, "hparams", {}) or {})),  # recorded, not restored
             "automatic_optimization": pl_module.automatic_optimization,
         }
         return {"framework": "lightning", "lightning": lightning_state, "skyrl_step": int(self.step)}, data_state

@@ -40,6 +40,7 @@ from skyrl_callbacks.errors import (
     IncompatibleCheckpointError,
     MissingDependencyError,
     StorageError,
+    UntrustedCheckpointError,
 )
 from skyrl_callbacks.storage import MANIFEST_FILE, TMP_PREFIX, TRASH_PREFIX, Storage, new_token
 
@@ -827,7 +828,8 @@ def _walk_tensors(obj: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
 
 def _load_pt_lazy(st: Storage, path: str, *, weights_only: bool = True, need_data: bool = False,
                   tmp_dir: Optional[str] = None, bar: Optional[_Progress] = None) -> Any:
-    """A ``.pt`` file without reading its tensors into memory.
+    """A ``.pt`` file without reading its tensors into memory (always weights-only: ``weights_only``
+    is ignored; ``--trust-checkpoint-code`` allows files that need more).
 
     Local files are memory-mapped (``torch.load(mmap=True)``). Remote files are loaded onto the
     ``meta`` device (only the pickle is read: shapes and dtypes, no tensor bytes) when
@@ -835,19 +837,17 @@ def _load_pt_lazy(st: Storage, path: str, *, weights_only: bool = True, need_dat
     """
     import torch
 
+    from skyrl_callbacks.safe_load import safe_torch_load
+
     def _mmap(local: str) -> Any:
+        # weights-only; files that need more (SkyRL's DTensor pickles...) only with --trust-checkpoint-code
         with _quiet():
             try:
-                return torch.load(local, map_location="cpu", mmap=True, weights_only=weights_only)
-            except Exception as exc:  # noqa: BLE001 - weights_only refuses some objects (DTensor...)
-                if not weights_only:
-                    raise CorruptCheckpointError(f"{path}: cannot be read ({type(exc).__name__}: {exc}).") from exc
-                try:
-                    return torch.load(local, map_location="cpu", mmap=True, weights_only=False)
-                except Exception as exc2:  # noqa: BLE001
-                    raise CorruptCheckpointError(
-                        f"{path}: cannot be read ({type(exc2).__name__}: {exc2})."
-                    ) from exc2
+                return safe_torch_load(local, path, map_location="cpu", mmap=True)
+            except UntrustedCheckpointError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                raise CorruptCheckpointError(f"{path}: cannot be read ({type(exc).__name__}: {exc}).") from exc
 
     if st.is_local:
         if not os.path.exists(path):
@@ -856,7 +856,9 @@ def _load_pt_lazy(st: Storage, path: str, *, weights_only: bool = True, need_dat
     if not need_data:
         try:
             with _quiet(), _open_ranged(st, path) as fh:
-                return torch.load(fh, map_location="meta", weights_only=weights_only)
+                return safe_torch_load(fh, path, map_location="meta")
+        except UntrustedCheckpointError:
+            raise
         except Exception as exc:  # noqa: BLE001 - fall back to downloading the file
             logger.info("lazy read of %s failed (%s); downloading it", path, exc)
     own = tmp_dir is None
@@ -872,6 +874,15 @@ def _load_pt_lazy(st: Storage, path: str, *, weights_only: bool = True, need_dat
     return obj
 
 
+def _raise_untrusted(exc: BaseException, reader: Any) -> None:
+    """Re-raise the refusal of an untrusted file that DCP wrapped (or turned into text)."""
+    from skyrl_callbacks.safe_load import find_untrusted
+
+    untrusted = find_untrusted(exc, reader)
+    if untrusted is not None:
+        raise untrusted from exc
+
+
 class _DcpSource:
     """Reads a DCP directory offline (one process, no process group), one key at a time."""
 
@@ -881,7 +892,9 @@ class _DcpSource:
         self.st, self.path = st, path
         if not st.exists(st.join(path, DCP_METADATA)):
             raise CorruptCheckpointError(f"{path}: {DCP_METADATA} is missing.")
-        self.reader = _dcp_reader(st, path)
+        from skyrl_callbacks.safe_load import guard_dcp_reader
+
+        self.reader = guard_dcp_reader(_dcp_reader(st, path), path)  # no load executes code from the files
         try:
             with _quiet():
                 self.metadata = self.reader.read_metadata()
@@ -909,6 +922,7 @@ class _DcpSource:
         except BaseException as exc:  # DCP raises CheckpointException (a BaseException)
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
+            _raise_untrusted(exc, self.reader)
             raise CorruptCheckpointError(f"{self.path}: reading {key!r} failed ({type(exc).__name__}: {str(exc)[:400]}).") from exc
         return t
 
@@ -924,6 +938,7 @@ class _DcpSource:
         except BaseException as exc:
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
+            _raise_untrusted(exc, self.reader)
             raise CorruptCheckpointError(f"{self.path}: reading {sorted(keys)[:3]} failed ({type(exc).__name__}: {exc}).") from exc
 
     def entries(self) -> list[_Entry]:
@@ -1095,14 +1110,14 @@ def _inspect_role(st: Storage, role_dir: str, name: str, files: dict[str, int], 
     elif layout == "skyrl-native":
         world = _native_world(files)
         doc["native"] = {"world_size": world, "files": sorted(f for f in files if _NATIVE_RE.match(f))}
-        sd = _load_pt_lazy(st, st.join(role_dir, f"model_world_size_{world}_rank_0.pt"), weights_only=False, tmp_dir=tmp)
+        sd = _load_pt_lazy(st, st.join(role_dir, f"model_world_size_{world}_rank_0.pt"), tmp_dir=tmp)
         doc["model"] = _model_summary(
             _tensor_rows((n, t.shape, t.dtype) for n, t in _walk_tensors(sd)),
             f"model_world_size_{world}_rank_0.pt (global shapes)",
         )
         optim = f"optim_world_size_{world}_rank_0.pt"
         if optim in files:
-            osd = _load_pt_lazy(st, st.join(role_dir, optim), weights_only=False, tmp_dir=tmp)
+            osd = _load_pt_lazy(st, st.join(role_dir, optim), tmp_dir=tmp)
             doc["optimizer"] = _optim_summary_pt(osd, optim)
         extra = f"extra_state_world_size_{world}_rank_0.pt"
         if extra in files:
@@ -1752,7 +1767,7 @@ examples:
 
 CKPT_PATH is a run's ckpt_path (holding global_step_N/); CKPT_DIR is one global_step_N/.
 Paths may be local or fsspec URLs (s3://, gs://, ...).
-exit codes: 0 ok, 1 a check failed (corrupt checkpoint, I/O error), 2 usage error / bad input.
+exit codes: 0 ok, 1 a check failed (corrupt checkpoint, a file refused as untrusted, I/O error), 2 usage error / bad input.
 """
 
 
@@ -1765,6 +1780,9 @@ def _common() -> argparse.ArgumentParser:
     g.add_argument("--no-progress", action="store_true", help="no progress bars (default: shown on a terminal)")
     g.add_argument("--progress", action="store_true", help=argparse.SUPPRESS)
     g.add_argument("-v", "--verbose", action="store_true", help="log what is done; tracebacks on errors")
+    g.add_argument("--trust-checkpoint-code", action="store_true",
+                   help="also load files that only a code-executing unpickling can read (SkyRL's per-rank FSDP "
+                        "files, checkpoints of older versions); only for checkpoints whose every writer you trust")
     return p
 
 
@@ -1899,11 +1917,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.distributed.*")
     try:
         args.storage_options = _parse_storage_options(args.storage_options)
-        return int(args.func(args))
+        from skyrl_callbacks.safe_load import trusting
+
+        with trusting(bool(getattr(args, "trust_checkpoint_code", False))):
+            return int(args.func(args))
     except CLIError as exc:
         _error(args, str(exc), exc, exc.code)
         return exc.code
-    except (CorruptCheckpointError, StorageError) as exc:
+    except (CorruptCheckpointError, StorageError, UntrustedCheckpointError) as exc:
         _error(args, str(exc), exc, EXIT_FAILED)
         return EXIT_FAILED
     except (CheckpointError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:

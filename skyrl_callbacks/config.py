@@ -114,6 +114,13 @@ class CheckpointConfig:
     (``latest``) or raises (``from_path``). ``false``: sizes only, the earlier default (a same-size bit flip
     is then loaded unless it breaks the file's structure). See ``docs/reliability.md``."""
 
+    trust_checkpoint_code: bool = False
+    """Allow loads that may execute code from the checkpoint store. Off (default): every file is
+    loaded ``weights_only=True`` (DCP ``.metadata`` with a restricted unpickler), and a file that
+    needs more (SkyRL's own per-rank FSDP files, checkpoints of older skyrl-callbacks versions, or a
+    planted pickle) is refused with an error naming the file and the refused global. Set true only
+    if you trust everyone who can write to ``ckpt_path``/``resume_path``. See docs/reliability.md."""
+
     async_save: bool = False
     """Write checkpoints in the background: the step's state is copied into reused host buffers
     (the only time the training loop waits), a background thread writes it, and the checkpoint is
@@ -351,7 +358,8 @@ class CheckpointConfig:
                 f"megatron_optimizer_sharding={self.megatron_optimizer_sharding!r}: must be 'fully_reshardable' "
                 f"(reshards to any parallelism) or 'dp_reshardable' (same TP/PP only, faster)."
             )
-        for key in ("verify_on_resume", "async_save", "async_overlap_copy", "save_on_train_end", "run_lock"):
+        for key in ("verify_on_resume", "async_save", "async_overlap_copy", "save_on_train_end", "run_lock",
+                    "trust_checkpoint_code"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"{key}={getattr(self, key)!r}: must be true or false.")
         if self.async_overlap_copy and not self.async_save:

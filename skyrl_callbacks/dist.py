@@ -18,6 +18,7 @@ from skyrl_callbacks.errors import (
     CorruptCheckpointError,
     IncompatibleCheckpointError,
     StorageError,
+    UntrustedCheckpointError,
 )
 
 logger = logging.getLogger(__name__)
@@ -28,8 +29,9 @@ T = TypeVar("T")
 
 #: the error kinds a collective step keeps, most telling first: when ranks fail with different
 #: kinds, the raised error is of the first kind any rank had (a corrupt file on one rank makes
-#: the checkpoint corrupt for all of them)
-ERROR_KINDS: tuple[type, ...] = (CorruptCheckpointError, IncompatibleCheckpointError, CheckpointLockError,
+#: the checkpoint corrupt for all of them); an untrusted file (a planted pickle) comes first, since
+#: resume must stop there on every rank rather than fall back
+ERROR_KINDS: tuple[type, ...] = (UntrustedCheckpointError, CorruptCheckpointError, IncompatibleCheckpointError, CheckpointLockError,
                                  CheckpointNotFoundError, ConfigError, StorageError)
 
 

@@ -12,6 +12,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "CorruptCheckpointError",
     "IncompatibleCheckpointError",
+    "UntrustedCheckpointError",
     "StorageError",
     "MissingDependencyError",
     "CheckpointLockError",
@@ -36,6 +37,21 @@ class CorruptCheckpointError(CheckpointError):
 
 class IncompatibleCheckpointError(CheckpointError):
     """A checkpoint does not match the model, strategy or world size it is loaded into."""
+
+
+class UntrustedCheckpointError(IncompatibleCheckpointError):
+    """A checkpoint file holds objects that only an unpickling that may execute code can load
+    (``torch.load(weights_only=False)``); refused unless ``trust_checkpoint_code`` is set.
+
+    Attributes:
+        path: the file.
+        refused: what the weights-only load refused, e.g. ``"GLOBAL posix.system"``.
+    """
+
+    def __init__(self, message: str, *, path: str = "", refused: str = "") -> None:
+        super().__init__(message)
+        self.path = path
+        self.refused = refused
 
 
 class StorageError(CheckpointError, OSError):

@@ -38,6 +38,7 @@ from skyrl_callbacks.errors import (
 from skyrl_callbacks.lock import RunLock
 from skyrl_callbacks.manifest import build_manifest, checksum_algo, read_manifest, verify_dir
 from skyrl_callbacks.rng import capture_rng
+from skyrl_callbacks.safe_load import to_portable, trusting, warn_non_portable
 from skyrl_callbacks.storage import Storage, make_local_stage, new_token, remove_local_stage
 from skyrl_callbacks.verify import LoadVerification, part_classes, streamable
 from skyrl_callbacks.verify import active as active_verification
@@ -355,16 +356,18 @@ class CheckpointManager:
             files += self._write_hf_dir(wstore, wstore.join(wstaging, role.name, HF_DIR), role, f"{role.name}/{HF_DIR}")
         gathered = gathered or []
         data = {"format": "skyrl-callbacks", "world_size": dist.world_size, "per_rank": [g["data"] for g in gathered]}
+        warn_non_portable(data, DATA_FILE, "")  # what we write must load weights-only
         torch_save(wstore, wstore.join(wstaging, DATA_FILE), data)
         state = dict(trainer_state or {})
         state.update(
             global_step=int(job.step),
-            config=self.config.to_dict(),
+            config=to_portable(self.config.to_dict()),
             world_size=dist.world_size,
             rng_per_rank=[g["rng"] for g in gathered],
             strategies={r.name: self.writer_for(r).kind for r in job.roles},
             roles=[r.name for r in job.roles],
         )
+        warn_non_portable(state, TRAINER_STATE_FILE, "")
         torch_save(wstore, wstore.join(wstaging, TRAINER_STATE_FILE), state)
         return files + [DATA_FILE, TRAINER_STATE_FILE]
 
@@ -1030,6 +1033,10 @@ class CheckpointManager:
             IncompatibleCheckpointError: the checkpoint does not fit the roles.
         """
         self.wait()  # an in-flight async save commits before anything is read
+        with trusting(self.config.trust_checkpoint_code):  # no load executes code unless trusted
+            return self._load(roles, step_dir)
+
+    def _load(self, roles: Sequence["Role"], step_dir: str) -> ResumeState:
         dist = self.dist
         store = self._store_for(step_dir)
         # rank 0: sizes against the manifest (no file read); the checksums are checked below

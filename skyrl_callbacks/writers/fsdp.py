@@ -44,6 +44,7 @@ from skyrl_callbacks.errors import (
     CorruptCheckpointError,
     IncompatibleCheckpointError,
     StorageError,
+    UntrustedCheckpointError,
 )
 from skyrl_callbacks.staging import Stager, _is_dtensor, _is_sharded_tensor
 from skyrl_callbacks.writers.base import (
@@ -785,7 +786,9 @@ def _dcp_save(state: dict, storage: "Storage", path: str, dist: Optional["DistCo
 def _dcp_load(state: dict, storage: "Storage", path: str, dist: Optional["DistContext"]) -> None:
     import torch.distributed.checkpoint as dcp
 
-    reader = _dcp_reader(storage, path)
+    from skyrl_callbacks.safe_load import find_untrusted, guard_dcp_reader
+
+    reader = guard_dcp_reader(_dcp_reader(storage, path), path)  # no load executes code from the files
     no_dist = dist is None or not dist.enabled
     planner = None
     if any(_is_sharded_tensor(t) and not t.local_shards() for _, t in _walk_tensors(state)):
@@ -804,6 +807,9 @@ def _dcp_load(state: dict, storage: "Storage", path: str, dist: Optional["DistCo
     except BaseException as exc:
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
+        untrusted = find_untrusted(exc, reader)
+        if untrusted is not None:
+            raise untrusted from exc
         raise CorruptCheckpointError(f"{path}: reading the sharded checkpoint failed: {_dcp_failures(exc)}") from exc
 
 
@@ -825,10 +831,14 @@ def _short(exc: BaseException, limit: int = 600) -> str:
 
 
 def _dcp_metadata(storage: "Storage", path: str):
-    reader = _dcp_reader(storage, path)
+    from skyrl_callbacks.safe_load import guard_dcp_reader
+
+    reader = guard_dcp_reader(_dcp_reader(storage, path), path)  # .metadata: a restricted unpickler
     try:
         with _quiet():
             return reader.read_metadata()
+    except UntrustedCheckpointError:
+        raise
     except FileNotFoundError as exc:
         raise CorruptCheckpointError(f"{path}: {_DCP_METADATA} is missing ({exc}).") from exc
     except Exception as exc:  # noqa: BLE001
@@ -1557,6 +1567,20 @@ class FSDPWriter(RoleWriter):
                 f"{len(role.optimizers)}."
             )
 
+        # before any file is read (the files may need trust_checkpoint_code)
+        if role.include_prefix:
+            raise IncompatibleCheckpointError(
+                f"{role_dir}: is a SkyRL native FSDP checkpoint (per-rank files of one whole FSDP model), but "
+                f"the {role.name} role is the part {role.include_prefix!r} of a larger FSDP root (Lightning's "
+                f"FSDPStrategy); its per-rank shards cannot be mapped onto that root. Convert it with "
+                f"`{CONVERT_HINT}` first; the converted layout loads into such a role."
+            )
+        if role.exclude_prefixes:
+            raise IncompatibleCheckpointError(
+                f"{role_dir}: SkyRL native checkpoints hold a whole model; roles with excluded prefixes "
+                f"{role.exclude_prefixes} are not supported for them."
+            )
+
         def _read() -> tuple:
             model_sd = torch_load(storage, storage.join(role_dir, _native_name("model", world, dist.rank)))
             osd = None
@@ -1575,18 +1599,6 @@ class FSDPWriter(RoleWriter):
             model_sd, osd, extra = _collective(dist, "fsdp load (read SkyRL native files)", _read)
 
         def _apply() -> None:
-            if role.include_prefix:
-                raise IncompatibleCheckpointError(
-                    f"{role_dir}: is a SkyRL native FSDP checkpoint (per-rank files of one whole FSDP model), but "
-                    f"the {role.name} role is the part {role.include_prefix!r} of a larger FSDP root (Lightning's "
-                    f"FSDPStrategy); its per-rank shards cannot be mapped onto that root. Convert it with "
-                    f"`{CONVERT_HINT}` first; the converted layout loads into such a role."
-                )
-            if role.exclude_prefixes:
-                raise IncompatibleCheckpointError(
-                    f"{role_dir}: SkyRL native checkpoints hold a whole model; roles with excluded prefixes "
-                    f"{role.exclude_prefixes} are not supported for them."
-                )
             with _quiet(), _native_state_ctx(role.model, strategy):
                 try:
                     role.model.load_state_dict(model_sd, strict=True)

@@ -331,7 +331,9 @@ def _capture_rng() -> dict:
     try:
         import numpy as np
 
-        state["numpy"] = np.random.get_state()
+        from skyrl_callbacks.rng import _numpy_to_portable
+
+        state["numpy"] = _numpy_to_portable(np.random.get_state())  # tensors/primitives: loads weights-only
     except ImportError:  # pragma: no cover
         pass
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -358,7 +360,9 @@ def _restore_rng(state: dict) -> None:
         try:
             import numpy as np
 
-            np.random.set_state(state["numpy"])
+            from skyrl_callbacks.rng import _numpy_from_portable
+
+            np.random.set_state(_numpy_from_portable(state["numpy"]))  # also the raw tuple of older versions
         except ImportError:  # pragma: no cover
             pass
     if "torch_cuda" in state and torch.cuda.is_available():
@@ -831,10 +835,19 @@ class MegatronWriter(RoleWriter):
             state = self._state(role, loading=True, sharding=sharding, layout=layout, with_rng=rng_ok)
             from torch.distributed.checkpoint import FileSystemReader
 
+            from skyrl_callbacks.errors import UntrustedCheckpointError
+            from skyrl_callbacks.safe_load import check_dcp_bytes, check_torch_file, guard_dcp_reader
+
             try:
-                metadata = FileSystemReader(path).read_metadata()
+                # no load executes code: .metadata through a restricted unpickler, byte entries and
+                # common.pt weights-only (Megatron's own loader reads them afterwards)
+                metadata = guard_dcp_reader(FileSystemReader(path), path).read_metadata()
+                check_dcp_bytes(path, metadata)
+            except UntrustedCheckpointError:
+                raise
             except Exception as exc:  # noqa: BLE001
                 raise CorruptCheckpointError(f"{path}: .metadata cannot be read ({_short(exc)}).") from exc
+            check_torch_file(os.path.join(path, "common.pt"))
             self._check_keys(state, metadata, path)
             return state, rng_ok, why
 

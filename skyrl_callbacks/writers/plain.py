@@ -326,19 +326,29 @@ def _no_zip_crc() -> Iterator[None]:
                 ser_config.save.compute_crc32 = _CRC_USERS[1]
 
 
-def torch_load(storage: "Storage", path: str, *, weights_only: bool = False, mmap: bool = False) -> Any:
+def torch_load(storage: "Storage", path: str, *, weights_only: bool = True, mmap: bool = False) -> Any:
     """``torch.load`` on CPU with a clear error naming the file when it is unreadable.
+
+    Always ``weights_only=True`` (no load executes code from the checkpoint; ``weights_only`` is
+    accepted for old callers and ignored): a file that needs more raises
+    :class:`~skyrl_callbacks.errors.UntrustedCheckpointError` unless ``trust_checkpoint_code``
+    is in effect (:func:`skyrl_callbacks.safe_load.trusting`).
 
     ``mmap=True`` (local files): the tensors map the file (copy-on-write) instead of being read
     into fresh memory first; ``load_state_dict`` then copies from the page cache once. Committed
     checkpoint files are never modified in place (retention unlinks them), so the mapping stays valid.
     """
+    from skyrl_callbacks.errors import UntrustedCheckpointError
+    from skyrl_callbacks.safe_load import safe_torch_load
+
     try:
         if mmap and storage.is_local:
-            return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
+            return safe_torch_load(path, path, map_location="cpu", mmap=True)
         with storage.open(path, "rb") as fh:
             hash_downloaded(storage, path, fh)  # verify_on_resume, object stores: no second download
-            return torch.load(fh, map_location="cpu", weights_only=weights_only)
+            return safe_torch_load(fh, path, map_location="cpu")
+    except UntrustedCheckpointError:
+        raise
     except FileNotFoundError as exc:
         raise CorruptCheckpointError(f"{path}: file is missing ({exc}).") from exc
     except Exception as exc:  # torch raises RuntimeError/UnpicklingError/EOFError on torn files
@@ -493,10 +503,12 @@ def _pread_into(fd: int, mv: memoryview, offset: int, path: str) -> None:
 
 
 @contextlib.contextmanager
-def open_skeleton(storage: "Storage", path: str, *, weights_only: bool = False) -> Iterator[Optional[_Skeleton]]:
+def open_skeleton(storage: "Storage", path: str, *, weights_only: bool = True) -> Iterator[Optional[_Skeleton]]:
     """The :class:`_Skeleton` of a local ``torch.save`` file, or None where the direct read does
-    not apply (object stores, torch without storage offsets, trees with other objects): the
-    caller then uses :func:`torch_load`. Errors name the file (:class:`CorruptCheckpointError`)."""
+    not apply (object stores, torch without storage offsets, trees with other objects, files a
+    weights-only load refuses): the caller then uses :func:`torch_load`, which decides. Errors
+    name the file (:class:`CorruptCheckpointError`). Always ``weights_only=True`` (the argument
+    is ignored)."""
     if not storage.is_local or not hasattr(os, "preadv"):
         yield None
         return
@@ -508,7 +520,7 @@ def open_skeleton(storage: "Storage", path: str, *, weights_only: bool = False) 
     with fh:
         try:
             size = os.fstat(fh.fileno()).st_size
-            skel: Optional[_Skeleton] = _Skeleton(torch.load(fh, map_location="meta", weights_only=weights_only),
+            skel: Optional[_Skeleton] = _Skeleton(torch.load(fh, map_location="meta", weights_only=True),
                                                   fh, path, size)
         except Exception:  # a torn file, or a torch that cannot load to "meta": torch_load decides
             skel = None
