@@ -434,7 +434,7 @@ def _check_path_length(key: str, path: str) -> None:
         raise ConfigError(
             f"{key}={_short(path)}: the path is {len(raw)} bytes long; with the names checkpoints add below it "
             f"(up to {_OUR_SUFFIX_MAX} bytes) it exceeds the file system's limit of {_PATH_MAX} bytes per path. "
-            f"Use a {key} shorter than {_PATH_MAX - _OUR_SUFFIX_MAX} bytes."
+            f"Use a shorter {key} (under {_PATH_MAX - _OUR_SUFFIX_MAX} bytes)."
         )
 
 
