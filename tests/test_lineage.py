@@ -169,3 +169,36 @@ def test_save_over_an_abandoned_branch_keeps_it(tmp_path, caplog):
     # a run's own re-save of a step (here: the one it resumed from) replaces it, as before
     run(tmp_path, [20], resume_mode="latest")
     assert len(list((tmp_path / "c").glob("global_step_20.superseded-*"))) == 1
+
+
+def test_s3_save_over_an_abandoned_branch_keeps_it(s3_server, s3_bucket, tmp_path):
+    """Object stores have no rename: the abandoned global_step_20 is copied aside (manifest included), then
+    removed manifest first; this run's 20 is committed under the name."""
+    import fsspec
+
+    url = f"s3://{s3_bucket}/run"
+    fs = fsspec.filesystem("s3", **s3_server.storage_options)
+
+    def s3mgr(**kw) -> CheckpointManager:
+        return CheckpointManager(CheckpointConfig(ckpt_path=url, export_path=str(tmp_path / "e"),
+                                                  storage_options=s3_server.storage_options, **kw))
+
+    a = s3mgr()
+    for step in (10, 20):
+        a.save(step, roles_at(step))
+    a.close()
+    def files(prefix: str) -> dict:
+        fs.invalidate_cache()
+        return {p[len(prefix.split("://")[-1]):]: fs.cat_file(p) for p in fs.find(prefix)}
+
+    before = files(f"{url}/global_step_20")
+    assert "/skyrl_manifest.json" in before
+    b = s3mgr(resume_mode="from_path", resume_path=f"{url}/global_step_10")
+    assert b.resume(roles_at(-1)).step == 10
+    b.save(20, roles_at(20.5))
+    b.close()
+    aside = [p for p in fs.ls(url, detail=False, refresh=True) if ".superseded-" in p]
+    assert len(aside) == 1
+    assert files(aside[0]) == before
+    roles = roles_at(-1)
+    assert s3mgr().resume(roles).step == 20 and roles[0].model.weight.flatten()[0].item() == 20.5
