@@ -896,6 +896,11 @@ class CheckpointManager:
                     )
                 return []
             pointer = self.read_pointer()
+            if pointer is None and self.storage.is_local and self.storage.isdir(self.pointer_path):
+                logger.warning(
+                    "resume: %s is a directory, not the pointer file; move it away (saves refuse to start until "
+                    "then)", self.pointer_path,
+                )
             step, warning = rules.select_resume_step(pointer, committed)
             if warning:
                 logger.warning("resume: %s (ckpt_path=%s)", warning, self.storage.root)

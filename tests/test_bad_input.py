@@ -476,6 +476,7 @@ def test_pointer_file_is_a_directory(ctx, caplog):
     pointer.mkdir()
     caplog.set_level(logging.WARNING)
     assert resume(ctx, roles_for(model_at(0))).step == 2  # reading: a warning, the newest committed step
+    assert "is a directory, not the pointer file; move it away" in caplog.text
     check(ctx, lambda c: save(c), StorageError, str(pointer), "is a directory", "move that directory away")
     assert not list(ctx.root.glob(".tmp-global_step_3*")) and not (ctx.root / "global_step_3").exists()
 
