@@ -694,12 +694,13 @@ class CheckpointManager:
 
     def _keep_foreign(self, final: str, step: int, parent: Optional[int]) -> None:
         """Rank 0, before a save of ``step``: a ``global_step_N`` already there that is not of this
-        run's lineage (not saved by this manager, not the step it resumed from or saved last) is
+        run's lineage (not saved by this manager, not the checkpoint it resumed from) is
         moved aside to ``global_step_N.superseded-<id>``, never replaced: e.g. the same step of an
         older run after ``resume_mode: none``, or of the branch a rollback abandoned."""
         storage = self.storage
-        if step in self._own_steps or step == parent:
-            return
+        resumed = (self.resumed_from or "").rstrip("/")
+        if step in self._own_steps or resumed == final.rstrip("/"):
+            return  # this run's own checkpoint, or the one it resumed from: replacing it loses nothing
         if storage.is_local:
             if not os.path.lexists(final):
                 return

@@ -202,3 +202,17 @@ def test_s3_save_over_an_abandoned_branch_keeps_it(s3_server, s3_bucket, tmp_pat
     assert files(aside[0]) == before
     roles = roles_at(-1)
     assert s3mgr().resume(roles).step == 20 and roles[0].model.weight.flatten()[0].item() == 20.5
+
+
+def test_resume_from_another_ckpt_path_keeps_this_ones_step(tmp_path):
+    """Resumed from_path another ckpt_path's global_step_10: this ckpt_path's own global_step_10 (another
+    run's) is not that checkpoint, so a save of 10 keeps it aside."""
+    other = tmp_path / "other"
+    m = CheckpointManager(CheckpointConfig(ckpt_path=str(other), export_path=str(tmp_path / "e2")))
+    m.save(10, roles_at(10))
+    m.close()
+    run(tmp_path, [10])
+    mine = tree_hash(tmp_path / "c" / "global_step_10")
+    run(tmp_path, [10], resume_mode="from_path", resume_path=str(other / "global_step_10"))
+    aside = list((tmp_path / "c").glob("global_step_10.superseded-*"))
+    assert len(aside) == 1 and tree_hash(aside[0]) == mine
