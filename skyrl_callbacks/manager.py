@@ -155,6 +155,8 @@ class CheckpointManager:
         self._lock_taken = False
         #: steps this manager committed (a later save of the same step may replace them)
         self._own_steps: set[int] = set()
+        #: the step resumed from a checkpoint outside ckpt_path (recorded as no parent: a new lineage here)
+        self._outside_parent: Optional[int] = None
         #: ``{step dir: (manifest read, parent_step)}`` of committed checkpoints (manifests never change)
         self._parents: dict[str, tuple[bool, Optional[int]]] = {}
         self._pending: Optional[_SaveJob] = None
@@ -400,11 +402,11 @@ class CheckpointManager:
                 world_size=dist.world_size,
                 strategies={r.name: self.writer_for(r).kind for r in job.roles},
                 algo=algo,
-                extra={"parent_step": job.parent},
+                extra={"parent_step": self._lineage_parent(job.parent)},
             )
             storage.commit(job.staging, job.final, manifest)
             self._own_steps.add(int(step))
-            self._parents[job.final] = (True, job.parent)
+            self._parents[job.final] = (True, manifest.get("parent_step"))
             storage.atomic_write(self.pointer_path, f"{int(step)}".encode())
             return sum(f["size"] for f in files.values())
 
@@ -947,6 +949,13 @@ class CheckpointManager:
                 self._parents[path] = (False, None)
         return self._parents[path]
 
+    def _lineage_parent(self, parent: Optional[int]) -> Optional[int]:
+        """``parent_step`` for the manifest of a save continuing from ``parent``: None when ``parent`` is
+        a checkpoint of another ``ckpt_path`` (the same step here belongs to someone else)."""
+        if parent is not None and parent == self._outside_parent and parent not in self._own_steps:
+            return None
+        return parent
+
     def _lazy_parents(self) -> "_Parents":
         return _Parents(self)
 
@@ -1046,6 +1055,8 @@ class CheckpointManager:
             data_state = data  # SkyRL writes the dataloader's state_dict directly
         self.resumed_from = step_dir
         self.last_saved_step = step
+        # resumed from another ckpt_path: this ckpt_path's global_step_N is not the parent of our saves
+        self._outside_parent = None if self._store_for(step_dir) is self.storage else step
         return ResumeState(step=step, path=step_dir, trainer_state=trainer_state, rng=rng, data_state=data_state)
 
     def resume(self, roles: Sequence["Role"]) -> Optional[ResumeState]:

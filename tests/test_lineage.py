@@ -216,3 +216,17 @@ def test_resume_from_another_ckpt_path_keeps_this_ones_step(tmp_path):
     run(tmp_path, [10], resume_mode="from_path", resume_path=str(other / "global_step_10"))
     aside = list((tmp_path / "c").glob("global_step_10.superseded-*"))
     assert len(aside) == 1 and tree_hash(aside[0]) == mine
+
+
+def test_resume_from_another_ckpt_path_starts_a_lineage_here(tmp_path):
+    """Resumed from another ckpt_path's global_step_10, this run's saves 12 and 14 (max_ckpts_to_keep 2) must not
+    count or delete this ckpt_path's own global_step_10 (another run's): here they start a new lineage."""
+    other = tmp_path / "other"
+    m = CheckpointManager(CheckpointConfig(ckpt_path=str(other), export_path=str(tmp_path / "e2")))
+    m.save(10, roles_at(10))
+    m.close()
+    run(tmp_path, [10])
+    mine = tree_hash(tmp_path / "c" / "global_step_10")
+    run(tmp_path, [12, 14, 16], resume_mode="from_path", resume_path=str(other / "global_step_10"),
+        max_ckpts_to_keep=2)
+    assert on_disk(tmp_path) == [10, 14, 16] and tree_hash(tmp_path / "c" / "global_step_10") == mine
