@@ -42,7 +42,7 @@ from skyrl_callbacks.errors import (
     StorageError,
     UntrustedCheckpointError,
 )
-from skyrl_callbacks.storage import MANIFEST_FILE, TMP_PREFIX, TRASH_PREFIX, Storage, new_token
+from skyrl_callbacks.storage import MANIFEST_FILE, TMP_PREFIX, TRASH_PREFIX, Storage, looks_native, new_token
 
 __all__ = ["main", "console_main", "build_parser", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE"]
 
@@ -505,7 +505,7 @@ def _scan_root(st: Storage, root: str) -> tuple[list[_StepScan], list[dict], lis
         path = st.join(root, name)
         files = by_top.get(name, {})
         has_manifest = MANIFEST_FILE in files
-        committed = has_manifest or (st.supports_rename and TRAINER_STATE_FILE in files and st.isdir(path))
+        committed = has_manifest or (st.supports_rename and looks_native(files) and st.isdir(path))
         manifest, err = _read_manifest(st, path) if has_manifest else (None, None)
         steps.append(_StepScan(step, name, path, {k: v for k, v in files.items() if k}, committed, manifest, err))
     steps.sort(key=lambda s: s.step)
@@ -756,6 +756,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
         for s in steps:
             if not s.committed and s.step < committed[-1]:
                 remove_leftovers.append({"name": s.name, "path": s.path, "size": sizes[s.step]})
+    skipped: list[dict] = []
+    owner = _live_owner(st) if remove_leftovers else None
+    if owner is not None:
+        # a live run's in-flight save looks like a leftover: never remove it under the run
+        skipped, remove_leftovers = remove_leftovers, []
+        print(f"{PROG}: not removing {len(skipped)} leftover(s) ({', '.join(lo['name'] for lo in skipped)}): a live "
+              f"run holds the lock of {root} (host {owner.get('host')}, pid {owner.get('pid')}) and they may be its "
+              f"save in progress. Run prune again after that run ends; the run itself removes them after its next "
+              f"save.", file=sys.stderr)
     deleted, removed = [], []
     if not args.dry_run:
         for step in doomed:
@@ -776,6 +785,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
             "path": root, "keep": args.keep, "dry_run": bool(args.dry_run), "committed": committed, "kept": kept,
             "pointer": pointer, "delete": doomed, "deleted": deleted,
             "leftovers": [lo["name"] for lo in remove_leftovers], "removed_leftovers": removed, "bytes": freed,
+            "skipped_leftovers": [lo["name"] for lo in skipped],
+            "live_run": None if owner is None else {"host": owner.get("host"), "pid": owner.get("pid")},
         })
     else:
         if args.dry_run:
@@ -790,6 +801,18 @@ def cmd_prune(args: argparse.Namespace) -> int:
             print(f"kept {', '.join(rules.step_dirname(s) for s in kept) or 'nothing'}; {verb} {_human(freed)}"
                   + (" (dry run: nothing changed)" if args.dry_run else ""))
     return EXIT_OK
+
+
+def _live_owner(st: Storage) -> Optional[dict]:
+    """The lock record of a live run writing into ``st``'s root, or None."""
+    from skyrl_callbacks.errors import CheckpointLockError
+    from skyrl_callbacks.lock import live_owner
+
+    try:
+        return live_owner(st)
+    except CheckpointLockError as exc:  # a damaged lock: treat its owner as possibly live
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return {"host": "?", "pid": "?"}
 
 
 # =========================================================================== tensor sources
@@ -1847,7 +1870,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Delete committed checkpoints with the callback's retention rule (keep the newest N by step "
                     "number). Never deletes the newest checkpoint, the one the pointer names, or anything that "
                     "is not a global_step_N checkpoint of ours; also removes leftovers of interrupted saves "
-                    "(.tmp-*/.trash-*) unless --keep-leftovers. Do not prune while a run is saving into CKPT_PATH.",
+                    "(.tmp-*/.trash-*) unless --keep-leftovers; while a live run holds CKPT_PATH's lock its leftovers "
+                    "(maybe its save in progress) are kept.",
         epilog=f"examples:\n  {PROG} prune ~/ckpts/run1 --keep 3 --dry-run\n  {PROG} prune s3://bucket/run1 --keep 1",
     )
     p.add_argument("ckpt_path", metavar="CKPT_PATH")

@@ -19,7 +19,7 @@ from skyrl_callbacks.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CheckpointConfig", "RESUME_MODES", "resolve_interpolations"]
+__all__ = ["CheckpointConfig", "RESUME_MODES", "resolve_interpolations", "check_export_path"]
 
 #: Accepted values of ``resume_mode`` (``None`` is accepted too and means ``"none"``).
 RESUME_MODES = ("none", "latest", "from_path")
@@ -226,7 +226,18 @@ class CheckpointConfig:
         except OSError as exc:
             raise ConfigError(f"config file {path!r} cannot be read: {exc}. Check the path.") from exc
         if yaml is not None:
-            data = yaml.safe_load(text) or {}
+            try:
+                data = yaml.safe_load(text) or {}
+            except yaml.YAMLError as exc:
+                mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+                where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+                what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+                line = text.splitlines()[mark.line] if mark is not None and mark.line < len(text.splitlines()) else None
+                raise ConfigError(
+                    f"config file {path!r}: YAML syntax error{where}: {what}"
+                    f"{f' (line: {line.strip()!r})' if line and line.strip() else ''}. Fix the YAML there (indentation, "
+                    f"a missing ':' or an unclosed quote or bracket are the usual causes)."
+                ) from None
         else:  # pragma: no cover - PyYAML ships with lightning/transformers
             from omegaconf import OmegaConf
 
@@ -305,22 +316,16 @@ class CheckpointConfig:
                 value = os.fspath(value)
             if not isinstance(value, str) or not value.strip():
                 raise ConfigError(f"{key}={value!r}: must be a non-empty path or URL string.")
-            setattr(self, key, resolve_interpolations(value, key))
-        ck, ex = self.ckpt_path.rstrip("/"), self.export_path.rstrip("/")
-        if "://" not in ck:
-            ck, ex = os.path.abspath(os.path.expanduser(ck)), os.path.abspath(os.path.expanduser(ex))
-        if ex == ck or ex.startswith(ck + "/global_step_"):
-            raise ConfigError(
-                f"export_path={self.export_path!r} is ckpt_path (or inside one of its checkpoints): the HF export to "
-                f"{{export_path}}/global_step_N/policy/ would replace that checkpoint's policy/. Use another directory "
-                f"for export_path, e.g. {ck}_exports/."
-            )
+            value = _absolute(resolve_interpolations(value, key))
+            _check_path_length(key, value)
+            setattr(self, key, value)
+        check_export_path(self.ckpt_path, self.export_path)
         if self.resume_path is not None:
             if isinstance(self.resume_path, os.PathLike):
                 self.resume_path = os.fspath(self.resume_path)
             if not isinstance(self.resume_path, str) or not self.resume_path.strip():
                 raise ConfigError(f"resume_path={self.resume_path!r}: must be a path to a global_step_N directory.")
-            self.resume_path = resolve_interpolations(self.resume_path, "resume_path")
+            self.resume_path = _absolute(resolve_interpolations(self.resume_path, "resume_path"))
             base = self.resume_path.rstrip("/").rsplit("/", 1)[-1]
             if not _STEP_DIR_RE.match(base):
                 raise ConfigError(
@@ -376,7 +381,7 @@ class CheckpointConfig:
                 raise ConfigError(
                     f"cloud_staging_dir={self.cloud_staging_dir!r}: must be a local directory path (or null for the temp dir)."
                 )
-            self.cloud_staging_dir = resolve_interpolations(self.cloud_staging_dir, "cloud_staging_dir")
+            self.cloud_staging_dir = _absolute(resolve_interpolations(self.cloud_staging_dir, "cloud_staging_dir"))
         deadline = self.cloud_retry_deadline_s
         if isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not deadline > 0:
             raise ConfigError(f"cloud_retry_deadline_s={deadline!r}: must be a positive number of seconds.")
@@ -409,6 +414,80 @@ class CheckpointConfig:
         if self.extra:
             out["extra"] = dict(self.extra)
         return out
+
+
+def _absolute(path: str) -> str:
+    """A relative local path made absolute now, against the working directory at construction (as
+    Lightning's ``ModelCheckpoint`` does): a later ``os.chdir`` (Hydra changes it per run) must not move
+    where checkpoints go. Absolute paths and URLs are kept as written."""
+    if "://" in path:
+        return path
+    expanded = os.path.expanduser(path)
+    return expanded if os.path.isabs(expanded) else os.path.abspath(expanded)
+
+
+#: Linux limits (``NAME_MAX``, ``PATH_MAX``) and the room our own names take below ``ckpt_path``
+#: (``.tmp-global_step_N-<token>/critic/model_state.dcp/__12_3.distcp`` and the like).
+_NAME_MAX, _PATH_MAX, _OUR_SUFFIX_MAX = 255, 4096, 160
+
+
+def _check_path_length(key: str, path: str) -> None:
+    """Refuse a local path the file system cannot hold (errno 36 otherwise, at the first save)."""
+    if "://" in path:
+        return
+    raw = os.fsencode(path)
+    long_name = max(raw.split(b"/"), key=len)
+    if len(long_name) > _NAME_MAX:
+        raise ConfigError(
+            f"{key}={_short(path)}: the component {_short(os.fsdecode(long_name), 40)} is {len(long_name)} bytes "
+            f"long; file systems allow {_NAME_MAX} bytes per name. Use a shorter {key}."
+        )
+    if len(raw) + _OUR_SUFFIX_MAX > _PATH_MAX:
+        raise ConfigError(
+            f"{key}={_short(path)}: the path is {len(raw)} bytes long; with the names checkpoints add below it "
+            f"(up to {_OUR_SUFFIX_MAX} bytes) it exceeds the file system's limit of {_PATH_MAX} bytes per path. "
+            f"Use a shorter {key} (under {_PATH_MAX - _OUR_SUFFIX_MAX} bytes)."
+        )
+
+
+def _short(text: str, keep: int = 60) -> str:
+    return repr(text) if len(text) <= 2 * keep else repr(f"{text[:keep]}...{text[-keep:]}")
+
+
+def _location(url: str) -> str:
+    """Where ``url`` really is, for comparing two paths: local paths with symlinks resolved
+    (``os.path.realpath``), object-store URLs normalised (scheme aliases, repeated and trailing ``/``)."""
+    if "://" in url:
+        proto, rest = url.split("://", 1)
+        proto = {"s3a": "s3", "s3n": "s3", "gcs": "gs"}.get(proto.lower(), proto.lower())
+        if proto not in ("file", "local"):
+            return f"{proto}://{re.sub('/+', '/', rest).strip('/')}"
+        url = rest
+    return os.path.realpath(os.path.expanduser(url))
+
+
+def _inside(child: str, parent: str) -> bool:
+    return child == parent or child.startswith(parent.rstrip("/") + "/")
+
+
+def check_export_path(ckpt_path: str, export_path: str) -> None:
+    """Refuse an ``export_path`` that is ``ckpt_path``, inside it or above it, after resolving symlinks
+    (local) or normalising the URL (object stores): an HF export to ``{export_path}/global_step_N/policy/``
+    would otherwise replace a committed checkpoint's ``policy/``, and retention of one tree would walk the other.
+
+    Raises:
+        ConfigError: the two locations overlap.
+    """
+    ck, ex = _location(ckpt_path), _location(export_path)
+    if _inside(ex, ck) or _inside(ck, ex):
+        how = "is" if ex == ck else ("is inside" if _inside(ex, ck) else "contains")
+        same = "" if (ck, ex) == (ckpt_path.rstrip("/"), export_path.rstrip("/")) else f" (resolved: {ex} and {ck})"
+        raise ConfigError(
+            f"export_path={export_path!r} {how} ckpt_path={ckpt_path!r}{same}: the HF export to "
+            f"{{export_path}}/global_step_N/policy/ could replace a committed checkpoint's policy/ (model, optimizer "
+            f"and scheduler state). Use another directory for export_path, outside ckpt_path, e.g. "
+            f"{ckpt_path.rstrip('/')}_exports/."
+        )
 
 
 def _looks_like_skyrl(data: Mapping) -> bool:

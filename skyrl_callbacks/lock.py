@@ -92,7 +92,16 @@ class RunLock:
     def _is_live(self, rec: dict) -> bool:
         if rec.get("host") == socket.gethostname() and rec.get("pid") == os.getpid():
             return False  # an earlier manager of this same process (e.g. a second trainer.fit)
-        age = time.time() - float(rec.get("heartbeat", 0))
+        beat = _heartbeat(rec)
+        if beat is None:  # a damaged lock: a pid of this host still tells; otherwise nothing does
+            if rec.get("host") == socket.gethostname() and isinstance(rec.get("pid"), int):
+                return _pid_alive(rec["pid"])
+            raise CheckpointLockError(
+                f"{self.path}: the lock's heartbeat {rec.get('heartbeat')!r} is not a time (a damaged lock file; "
+                f"owner host {rec.get('host')!r}, pid {rec.get('pid')!r}). If no other run is using "
+                f"ckpt_path={self.storage.root!r}, delete {self.path} and start again; otherwise use another ckpt_path."
+            )
+        age = time.time() - beat
         if age > self.stale_after_s:
             return False
         if rec.get("host") == socket.gethostname() and isinstance(rec.get("pid"), int):
@@ -126,7 +135,7 @@ class RunLock:
             if rec is None and self._being_written():
                 continue  # another run is writing its lock (O_EXCL fallback): read it again
             if rec is not None and self._is_live(rec):
-                age = time.time() - float(rec.get("heartbeat", 0))
+                age = time.time() - (_heartbeat(rec) or time.time())
                 raise CheckpointLockError(
                     f"ckpt_path={self.storage.root!r} is in use by another live run (host {rec.get('host')}, "
                     f"pid {rec.get('pid')}, heartbeat {age:.0f} s ago). Two runs writing one ckpt_path would "
@@ -238,6 +247,8 @@ class RunLock:
             except Exception as exc:  # noqa: BLE001 - classified below
                 if _precondition_failed(exc):
                     return False
+                if isinstance(exc, FileNotFoundError):  # no such bucket: name it and the fix
+                    raise self.storage._no_bucket(self.path, exc) from exc
                 if not _unsupported(exc):
                     raise
                 logger.warning("%s does not support conditional writes (%s): the lock is written plainly and read back",
@@ -454,3 +465,29 @@ def _unsupported(exc: BaseException) -> bool:
 
 def _etag_of(out: Any) -> Optional[str]:
     return out.get("ETag") if isinstance(out, dict) else None
+
+
+def _heartbeat(rec: dict) -> Optional[float]:
+    """The heartbeat (seconds since the epoch) of a lock record; None when it is not a number."""
+    value = rec.get("heartbeat", 0)
+    if isinstance(value, bool):
+        return None
+    try:
+        beat = float(value)
+    except (TypeError, ValueError):
+        return None
+    return beat if beat == beat else None  # NaN
+
+
+def live_owner(storage: "Storage") -> Optional[dict]:
+    """The lock record of the live run that owns ``storage``'s root, or None (no lock, a dead
+    owner's, or this process's own). Read-only: for tools such as ``skyrl-ckpt prune``.
+
+    Raises:
+        CheckpointLockError: the lock file is damaged and its owner cannot be told dead.
+    """
+    lock = RunLock(storage)
+    rec = lock.read()
+    if not isinstance(rec, dict) or not lock._is_live(rec):
+        return None
+    return rec

@@ -20,13 +20,15 @@ the previous checkpoints are untouched.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from skyrl_callbacks import rules
-from skyrl_callbacks.config import CheckpointConfig
+from skyrl_callbacks.config import CheckpointConfig, check_export_path
 from skyrl_callbacks.dist import DistContext
 from skyrl_callbacks.errors import (
     CheckpointError,
@@ -39,7 +41,7 @@ from skyrl_callbacks.lock import RunLock
 from skyrl_callbacks.manifest import build_manifest, checksum_algo, read_manifest, verify_dir
 from skyrl_callbacks.rng import capture_rng
 from skyrl_callbacks.safe_load import to_portable, trusting, warn_non_portable
-from skyrl_callbacks.storage import Storage, make_local_stage, new_token, remove_local_stage
+from skyrl_callbacks.storage import MANIFEST_FILE, Storage, make_local_stage, new_token, remove_local_stage
 from skyrl_callbacks.verify import LoadVerification, part_classes, streamable
 from skyrl_callbacks.verify import active as active_verification
 from skyrl_callbacks.writers.base import HF_DIR, RoleWriter, select_writer
@@ -154,6 +156,12 @@ class CheckpointManager:
         self._writers: dict[str, RoleWriter] = {}
         self._lock: Optional[RunLock] = RunLock(self.storage) if self.config.run_lock else None
         self._lock_taken = False
+        #: steps this manager committed (a later save of the same step may replace them)
+        self._own_steps: set[int] = set()
+        #: the step resumed from a checkpoint outside ckpt_path (recorded as no parent: a new lineage here)
+        self._outside_parent: Optional[int] = None
+        #: ``{step dir: (manifest read, parent_step)}`` of committed checkpoints (manifests never change)
+        self._parents: dict[str, tuple[bool, Optional[int]]] = {}
         self._pending: Optional[_SaveJob] = None
         self._stagers: dict[str, Any] = {}
         self._pool: Any = None
@@ -183,6 +191,16 @@ class CheckpointManager:
         if self._lock is not None and not self._lock_taken:
             self.dist.run_on_main("lock ckpt_path", self._lock.acquire)
             self._lock_taken = True
+            self.dist.run_on_main("check ckpt_path", self._check_pointer_is_a_file)
+
+    def _check_pointer_is_a_file(self) -> None:
+        """Fail before training, not at the first save's pointer move, when the pointer is a directory."""
+        if self.storage.is_local and self.storage.isdir(self.pointer_path):
+            raise StorageError(
+                f"{self.pointer_path}: is a directory, but it must be the pointer file SkyRL writes (one line: the "
+                f"step of the latest checkpoint). Move that directory away (it is not something this package "
+                f"writes); the next save writes the pointer."
+            )
 
     def close(self) -> None:
         """Commit an in-flight async save, then release the run lock and the staging buffers.
@@ -294,14 +312,15 @@ class CheckpointManager:
             # object store the staging directory is the final one): let that finish first
             self.wait_retention()
         staging = storage.staging_dir(final, token)
-        dist.run_on_main("prepare staging", lambda: self._prepare(staging))
+        parent = self.last_saved_step
+        dist.run_on_main("prepare staging", lambda: self._prepare(staging, final, step, parent))
         if not self._storage_checked:
             self._check_shared(staging)
             self._storage_checked = True
         # Object stores, cloud_upload="staged": every rank writes into its own local stage,
         # then uploads exactly the files it wrote (below); the manifest is still written last.
         job = _SaveJob(step=step, roles=list(roles), t0=t0, final=final, staging=staging,
-                       wstore=storage, wstaging=staging, parent=self.last_saved_step)
+                       wstore=storage, wstaging=staging, parent=parent)
         handed_off = False
         try:
             if not storage.is_local and self.config.cloud_upload == "staged":
@@ -388,9 +407,12 @@ class CheckpointManager:
                 world_size=dist.world_size,
                 strategies={r.name: self.writer_for(r).kind for r in job.roles},
                 algo=algo,
-                extra={"parent_step": job.parent, "classes": {r.name: part_classes(r) for r in job.roles}},
+                extra={"parent_step": self._lineage_parent(job.parent),
+                       "classes": {r.name: part_classes(r) for r in job.roles}},
             )
             storage.commit(job.staging, job.final, manifest)
+            self._own_steps.add(int(step))
+            self._parents[job.final] = (True, manifest.get("parent_step"))
             storage.atomic_write(self.pointer_path, f"{int(step)}".encode())
             return sum(f["size"] for f in files.values())
 
@@ -673,9 +695,32 @@ class CheckpointManager:
                 self._bg_dist = self.dist
         return self._bg_dist
 
-    def _prepare(self, staging: str) -> None:
+    def _prepare(self, staging: str, final: str, step: int, parent: Optional[int]) -> None:
         self.storage.makedirs(self.storage.root)
+        self._keep_foreign(final, step, parent)
         self.storage.prepare_staging(staging)
+
+    def _keep_foreign(self, final: str, step: int, parent: Optional[int]) -> None:
+        """Rank 0, before a save of ``step``: a ``global_step_N`` already there that is not of this
+        run's lineage (not saved by this manager, not the checkpoint it resumed from) is
+        moved aside to ``global_step_N.superseded-<id>``, never replaced: e.g. the same step of an
+        older run after ``resume_mode: none``, or of the branch a rollback abandoned."""
+        storage = self.storage
+        resumed = (self.resumed_from or "").rstrip("/")
+        if step in self._own_steps or resumed == final.rstrip("/"):
+            return  # this run's own checkpoint, or the one it resumed from: replacing it loses nothing
+        if storage.is_local:
+            if not os.path.lexists(final):
+                return
+        elif not storage.is_committed(final):
+            return  # an upload that never committed: prepare_staging removes it, as before
+        kept = storage.set_aside(final)
+        self._parents.pop(final, None)
+        logger.warning(
+            "%s already holds a checkpoint that is not of this run's lineage (this run %s); it is kept as %s "
+            "and not replaced by this run's global_step_%d. Delete it when you no longer need it.",
+            final, f"continues global_step_{parent}" if parent is not None else "started fresh", kept, step,
+        )
 
     def _check_shared(self, staging: str) -> None:
         """Every rank must see rank 0's files: a node-local ``ckpt_path`` silently loses shards."""
@@ -737,10 +782,15 @@ class CheckpointManager:
             )
 
     def _retention(self, step: int) -> None:
-        committed = self.committed_steps()
-        doomed = rules.steps_to_delete(committed, self.config.max_ckpts_to_keep, protected=[step])
+        doomed: list[int] = []
+        if self.config.max_ckpts_to_keep > 0:
+            # only this run's lineage counts: checkpoints of a branch abandoned by a rollback, or of an
+            # older run after resume_mode none, are neither counted nor deleted
+            line = rules.lineage(step, self.committed_steps(), self._lazy_parents())
+            doomed = rules.steps_to_delete(line, self.config.max_ckpts_to_keep, protected=[step])
         for old in doomed:
             path = self.step_dir(old)
+            self._parents.pop(path, None)
             logger.info("retention: deleting %s (max_ckpts_to_keep=%d)", path, self.config.max_ckpts_to_keep)
             # retired at once (renamed away / manifest removed), its bytes deleted in the background
             self.storage.delete_checkpoint(path, remove=self._remove_in_background)
@@ -801,6 +851,7 @@ class CheckpointManager:
 
         t0 = time.perf_counter()
         dist, storage = self.dist, self.export_storage
+        check_export_path(self.config.ckpt_path, self.config.export_path)  # a symlink made since construction
         final = storage.child(rules.step_dirname(step), role.name)
         token = dist.broadcast(new_token())
         staging = storage.staging_dir(final, token)
@@ -831,8 +882,6 @@ class CheckpointManager:
 
         def decide() -> list[str]:
             mode = self.config.resume_mode
-            if mode == "none":
-                return []
             if mode == "from_path":
                 path = self.config.resume_path.rstrip("/")
                 store = self._open_storage(path)
@@ -844,32 +893,101 @@ class CheckpointManager:
                     )
                 return [store.root]
             committed = self.committed_steps()
+            self._warn_strays(committed)
+            if mode == "none":
+                if committed:
+                    logger.warning(
+                        "resume_mode none: starting fresh in %s, which holds committed checkpoints %s of an earlier "
+                        "run. They are kept: they do not count for max_ckpts_to_keep, are never resumed as a "
+                        "fallback of this run, and a step this run saves again moves the old one aside "
+                        "(global_step_N.superseded-<id>). Use a new ckpt_path to keep runs apart.",
+                        self.storage.root, committed,
+                    )
+                return []
             pointer = self.read_pointer()
+            if pointer is None and self.storage.is_local and self.storage.isdir(self.pointer_path):
+                logger.warning(
+                    "resume: %s is a directory, not the pointer file; move it away (saves refuse to start until "
+                    "then)", self.pointer_path,
+                )
             step, warning = rules.select_resume_step(pointer, committed)
             if warning:
                 logger.warning("resume: %s (ckpt_path=%s)", warning, self.storage.root)
             if step is None:
                 return []
+            parents = self._lazy_parents()
             if warning is None and any(s > step for s in committed):
-                parents = {s: self._parent_step(s) for s in committed if s > step}
                 newer = rules.follow_commits_after_pointer(step, committed, parents)
                 if newer != step:
-                    logger.warning(
-                        "resume: global_step_%d was committed after the pointer (global_step_%d) was last moved; "
-                        "resuming from it", newer, step,
-                    )
-                    step = newer
-            order = [step] + [s for s in reversed(committed) if s != step]
+                    child = min(s for s in committed if s > step and parents.get(s) == step)
+                    if self._pointer_moved_back(step, child):
+                        logger.warning(
+                            "resume: the pointer names global_step_%d and was written after global_step_%d (its "
+                            "child) was committed: it was moved back by hand, so it is honoured; the newer "
+                            "checkpoints %s are kept but not used", step, child, [s for s in committed if s > step],
+                        )
+                    else:
+                        logger.warning(
+                            "resume: global_step_%d was committed after the pointer (global_step_%d) was last moved; "
+                            "resuming from it", newer, step,
+                        )
+                        step = newer
+            # fallbacks: the chosen checkpoint's own ancestors only, never an abandoned branch
+            order = rules.lineage(step, committed, parents)
             return [self.step_dir(s) for s in order]
 
         return self.dist.broadcast(self.dist.run_on_main("find checkpoint", decide))
 
-    def _parent_step(self, step: int) -> Optional[int]:
-        try:
-            manifest = read_manifest(self.storage, self.step_dir(step))
-        except (ValueError, OSError):
+    def _parent(self, step: int) -> tuple[bool, Optional[int]]:
+        """``(known, parent_step)`` from the manifest of ``step`` (unknown: no manifest, unreadable,
+        or written without the key)."""
+        path = self.step_dir(step)
+        if path not in self._parents:
+            try:
+                manifest = read_manifest(self.storage, path)
+            except (ValueError, OSError):
+                manifest = None
+            if isinstance(manifest, dict) and "parent_step" in manifest:
+                parent = manifest.get("parent_step")
+                known = parent is None or (isinstance(parent, int) and not isinstance(parent, bool))
+                self._parents[path] = (known, parent if known else None)
+            else:
+                self._parents[path] = (False, None)
+        return self._parents[path]
+
+    def _lineage_parent(self, parent: Optional[int]) -> Optional[int]:
+        """``parent_step`` for the manifest of a save continuing from ``parent``: None when ``parent`` is
+        a checkpoint of another ``ckpt_path`` (the same step here belongs to someone else)."""
+        if parent is not None and parent == self._outside_parent and parent not in self._own_steps:
             return None
-        return None if manifest is None else manifest.get("parent_step")
+        return parent
+
+    def _lazy_parents(self) -> "_Parents":
+        return _Parents(self)
+
+    def _pointer_moved_back(self, pointer: int, child: int) -> bool:
+        """A committed ``child`` of the pointer's step is newer than the pointer: a crash between its
+        commit and the pointer move, or a pointer moved back by hand (``echo N > latest_ckpt_global_step.txt``,
+        SkyRL's way to roll back). The pointer moves only after a commit, so in a crash it is older
+        than the child's manifest; written after it, it was moved back. Ties (coarse store clocks)
+        count as a crash."""
+        pointer_t = self.storage.mtime(self.pointer_path)
+        child_t = self.storage.mtime(self.storage.join(self.step_dir(child), MANIFEST_FILE))
+        return pointer_t is not None and child_t is not None and pointer_t > child_t
+
+    def _warn_strays(self, committed: list[int]) -> None:
+        """Report ``global_step_N`` directories that are not checkpoints (local: interrupted saves
+        never have that name, so someone put them there); resume and retention ignore them."""
+        if not self.storage.is_local:
+            return
+        for name in self.storage.listdir(self.storage.root):
+            step = rules.parse_step_dirname(name)
+            if step is not None and step not in committed and os.path.isdir(self.storage.child(name)):
+                logger.warning(
+                    "ignoring %s: not a committed checkpoint (no %s, and as a SkyRL-native checkpoint it lacks "
+                    "%s or a role directory with model files). Move it away if it is not needed.",
+                    self.storage.child(name), MANIFEST_FILE, TRAINER_STATE_FILE,
+                )
 
     def verify(self, step_dir: str, *, checksums: Optional[bool] = None) -> list[str]:
         """Problems of ``step_dir`` against its manifest ([] when fine; legacy dirs pass)."""
@@ -1096,6 +1214,8 @@ class CheckpointManager:
             data_state = data  # SkyRL writes the dataloader's state_dict directly
         self.resumed_from = step_dir
         self.last_saved_step = step
+        # resumed from another ckpt_path: this ckpt_path's global_step_N is not the parent of our saves
+        self._outside_parent = None if self._store_for(step_dir) is self.storage else step
         return ResumeState(step=step, path=step_dir, trainer_state=trainer_state, rng=rng, data_state=data_state)
 
     def resume(self, roles: Sequence["Role"]) -> Optional[ResumeState]:
@@ -1148,6 +1268,29 @@ def _reserve(jobs: list, device: Optional[int] = None) -> None:
         except Exception as exc:  # noqa: BLE001 - e.g. pinning refused: the first save allocates instead
             logger.warning("prewarming the %s staging buffers failed (%s); the first save allocates them", name, exc)
     logger.info("prewarmed %.1f MB of staging buffers in %.2f s", total / 1e6, time.perf_counter() - t0)
+
+
+class _Parents(Mapping):
+    """``{step: parent_step}`` for :func:`rules.lineage`, read from manifests on first use; steps
+    with no known parent are absent."""
+
+    def __init__(self, manager: CheckpointManager) -> None:
+        self._manager = manager
+
+    def __getitem__(self, step: int) -> Optional[int]:
+        known, parent = self._manager._parent(int(step))
+        if not known:
+            raise KeyError(step)
+        return parent
+
+    def __contains__(self, step: object) -> bool:
+        return isinstance(step, int) and self._manager._parent(step)[0]
+
+    def __iter__(self):  # not needed by the rules; listing would read every manifest
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
 
 
 def _basename(path: str) -> str:

@@ -20,6 +20,7 @@ __all__ = [
     "select_resume_step",
     "parse_pointer",
     "follow_commits_after_pointer",
+    "lineage",
 ]
 
 STEP_DIR_PREFIX = "global_step_"
@@ -119,3 +120,48 @@ def follow_commits_after_pointer(pointer: int, committed: Sequence[int], parent_
         if parent_of.get(step) == current:
             current = step
     return current
+
+
+def lineage(head: int, committed: Sequence[int], parent_of: Mapping[int, Optional[int]]) -> list[int]:
+    """The committed checkpoints ``head`` descends from, ``head`` first (descending).
+
+    Each manifest names its ``parent_step`` (the step the run had saved or resumed from before
+    it; None for a fresh start). A step absent from ``parent_of`` has no known parent (a
+    SkyRL-native checkpoint, an unreadable manifest): the next older committed step is taken, as
+    in a linear history. A parent that is no longer committed (deleted) continues with the next
+    committed step below it. Checkpoints of abandoned branches (newer steps of a run that was
+    rolled back, older steps of another run after ``resume_mode: none``) are never in it.
+
+    Args:
+        head: the newest step of the lineage (the one just saved, or the one resume picked).
+        committed: the committed steps under ``ckpt_path``.
+        parent_of: ``{step: parent_step}`` of the steps whose manifest records one.
+
+    Returns:
+        The steps of the lineage, ``head`` first, then each ancestor (all committed). A parent newer
+        than its child (steps saved out of order) is followed too.
+    """
+    steps = sorted(set(int(s) for s in committed))
+    present = set(steps)
+    out = [int(head)]
+    current = int(head)
+
+    def below(step: int) -> Optional[int]:
+        older = [s for s in steps if s < step]
+        return older[-1] if older else None
+
+    while True:
+        parent: Optional[int]
+        if current in parent_of and parent_of[current] != current:
+            parent = parent_of[current]
+            if parent is None:
+                return out
+            parent = int(parent)
+            if parent not in present:
+                parent = below(parent)
+        else:  # unknown (or a re-save of the same step naming itself): a linear history
+            parent = below(current)
+        if parent is None or parent in out:
+            return out
+        out.append(parent)
+        current = parent

@@ -36,7 +36,8 @@ from skyrl_callbacks.errors import MissingDependencyError, StorageError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Storage", "MANIFEST_FILE", "TMP_PREFIX", "TRASH_PREFIX", "make_local_stage", "remove_local_stage"]
+__all__ = ["Storage", "MANIFEST_FILE", "TMP_PREFIX", "TRASH_PREFIX", "make_local_stage", "remove_local_stage",
+           "looks_native"]
 
 T = TypeVar("T")
 
@@ -308,8 +309,12 @@ class Storage:
     def _open_write(self, path: str) -> IO[bytes]:
         from skyrl_callbacks.cloud import open_for_write
 
+        try:
+            inner = open_for_write(self.fs, path, block_size=self.chunk_size, deadline_s=self.retry_deadline_s)
+        except FileNotFoundError as exc:
+            raise self._no_bucket(path, exc) from exc
         return _HashingWriter(
-            open_for_write(self.fs, path, block_size=self.chunk_size, deadline_s=self.retry_deadline_s),
+            inner,
             on_close=lambda size, algo, digest: self._remember(path, size, algo, digest),
         )
 
@@ -345,7 +350,19 @@ class Storage:
             self.fs.pipe_file(path, data)
             self._fresh(path)
 
-        self._retry(put, f"write {path} ({len(data)} bytes)")
+        try:
+            self._retry(put, f"write {path} ({len(data)} bytes)")
+        except FileNotFoundError as exc:
+            raise self._no_bucket(path, exc) from exc
+
+    def _no_bucket(self, path: str, exc: BaseException) -> StorageError:
+        """A write that found no such object container: on an object store that means the bucket."""
+        bucket = self._norm(path).split("/", 1)[0]
+        return StorageError(
+            f"writing {path}: the bucket {bucket!r} does not exist, or these credentials cannot see it ({exc}). "
+            f"Create the bucket {self.protocol}://{bucket}, or fix the bucket name of the configured path "
+            f"(ckpt_path/export_path {self.root!r})."
+        )
 
     def atomic_write(self, path: str, data: bytes) -> None:
         """Replace ``path`` atomically: temp file + fsync + ``os.replace`` locally; a single
@@ -435,6 +452,10 @@ class Storage:
             )
         except StorageError as exc:
             raise self._name_endpoint(exc) from exc
+        except FileNotFoundError as exc:
+            if any(not os.path.exists(local) for local, _remote in pairs):
+                raise
+            raise self._no_bucket(remote_top, exc) from exc
         self._fresh(remote_top)
         return {rel: sizes[remote] for rel, (_local, remote) in zip(rels, pairs)}
 
@@ -613,9 +634,44 @@ class Storage:
             if os.path.exists(os.path.join(step_dir, MANIFEST_FILE)):
                 return True
             # A checkpoint written by SkyRL itself has no manifest; its trainer_state.pt is
-            # written last, and the directory exists only under its final name.
-            return os.path.exists(os.path.join(step_dir, "trainer_state.pt"))
+            # written last, and the directory exists only under its final name. A directory
+            # holding only a trainer_state.pt (a stray copy) is not one: it needs model files too.
+            return looks_native(self.walk_files(step_dir))
         return self.exists(self.join(step_dir, MANIFEST_FILE))
+
+    def mtime(self, path: str) -> Optional[float]:
+        """When ``path`` was last written (seconds since the epoch), or None when unknown."""
+        if self.is_local:
+            try:
+                return os.stat(path).st_mtime_ns / 1e9
+            except OSError:
+                return None
+        try:
+            return float(self._retry(lambda: self.fs.modified(path), f"stat {path}").timestamp())
+        except Exception:  # noqa: BLE001 - a backend without modification times, or no such object
+            return None
+
+    def set_aside(self, step_dir: str, tag: str = "superseded") -> str:
+        """Move ``step_dir`` to ``{step_dir}.{tag}-<id>`` (a name resume, retention and the leftover
+        cleanup never touch) and return the new path: the directory is kept, not replaced.
+
+        Local: one rename. Object stores: every object is copied, then the original is deleted
+        manifest first; an interruption leaves the original intact or a complete copy.
+        """
+        target = f"{step_dir.rstrip('/')}.{tag}-{new_token()}"
+        if self.supports_rename:
+            try:
+                os.rename(step_dir, target)
+            except OSError as exc:
+                raise local_io_error(exc, step_dir, "moving aside") from exc
+            _fsync_dir(os.path.dirname(step_dir.rstrip("/")))
+            return target
+        src = step_dir.rstrip("/")
+        for rel in self.walk_files(src):
+            self._retry(lambda rel=rel: self.fs.copy(self.join(src, rel), self.join(target, rel)), f"copy {src}/{rel}")
+        self._fresh(target)
+        self.delete_checkpoint(src)
+        return target
 
     def leftovers(self) -> list[str]:
         """Staging/trash directories of interrupted saves directly under the root."""
@@ -624,6 +680,29 @@ class Storage:
             for n in self.listdir(self.root)
             if n.startswith(TMP_PREFIX) or n.startswith(TRASH_PREFIX)
         ]
+
+
+#: Names inside a role directory that hold model state, in SkyRL's layouts (plain/FSDP, FSDP per-rank,
+#: DCP, Megatron dist_checkpointing) and ours.
+_NATIVE_MODEL_RE = re.compile(
+    r"^(model_state\.pt|model_world_size_\d+_rank_\d+\.pt|model_state\.dcp|metadata\.json|\.metadata|common\.pt"
+    r"|.+\.distcp|.+\.safetensors)$"
+)
+
+
+def looks_native(files: Iterable[str]) -> bool:
+    """Whether the relative file paths of a ``global_step_N`` directory without a manifest make a
+    committed SkyRL-native checkpoint: ``trainer_state.pt`` (SkyRL writes it last) and at least one
+    role directory with model files."""
+    files = list(files)
+    if "trainer_state.pt" not in files:
+        return False
+    for rel in files:
+        parts = rel.split("/")
+        if len(parts) >= 2 and not parts[0].startswith(".") and parts[0] != "huggingface":
+            if any(_NATIVE_MODEL_RE.match(p) for p in parts[1:]):
+                return True
+    return False
 
 
 def local_io_error(exc: OSError, path: str, action: str) -> OSError:
@@ -647,6 +726,15 @@ def local_io_error(exc: OSError, path: str, action: str) -> OSError:
     elif code in (_errno.ENOTDIR, _errno.EEXIST):
         msg = (f"{where}: a part of the path is a file, not a directory ({exc.strerror}). ckpt_path/export_path "
                f"must name directories: move the file away or choose another path.")
+    elif code == _errno.EISDIR:
+        msg = (f"{where}: {exc.filename or path} is a directory where a file belongs ({exc.strerror}). Move that "
+               f"directory away (it is not something this package writes), then run again.")
+    elif code == _errno.ENAMETOOLONG:
+        msg = (f"{action} {path[:80]}...{path[-80:]} ({len(os.fsencode(path))} bytes): the path is too long for the "
+               f"file system ({exc.strerror}; at most 255 bytes per name, 4096 per path). Use a shorter "
+               f"ckpt_path/export_path.") if len(path) > 200 else (
+               f"{where}: the path is too long for the file system ({exc.strerror}). Use a shorter "
+               f"ckpt_path/export_path.")
     else:
         return exc
     out = StorageError(msg)

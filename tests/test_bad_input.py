@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -432,3 +433,131 @@ def test_bind_extra_state_without_state_dict(ctx):
     ckpt = SkyRLCheckpoint(cfg(ctx))
     check(ctx, lambda c: ckpt.bind(None, policy=model_at(0), extra_state={"kl": object()}), ConfigError,
           "extra_state['kl']", "state_dict/load_state_dict")
+
+
+# --------------------------------------------------------------------------- 7. paths that hide an overlap, unclear errors
+def test_export_path_symlink_to_ckpt_path(ctx):
+    link = ctx.tmp / "exports_link"
+    link.symlink_to(ctx.root, target_is_directory=True)
+    check(ctx, lambda c: CheckpointConfig(ckpt_path=str(c.root), export_path=str(link)), ConfigError,
+          "export_path=", "exports_link", "is ckpt_path", f"resolved: {ctx.root}", "outside ckpt_path")
+
+
+@pytest.mark.parametrize("ckpt,export,how", [
+    ("{root}", "{root}/exports", "is inside"),
+    ("{root}/run", "{root}", "contains"),
+    ("s3://bucket/run", "s3a://bucket//run/", "is ckpt_path"),
+    ("gs://bucket/run", "gcs://bucket/run/exports", "is inside"),
+], ids=["export-inside", "ckpt-inside", "s3-alias", "gcs-inside"])
+def test_export_path_overlaps_ckpt_path(ctx, ckpt, export, how):
+    ck, ex = ckpt.format(root=ctx.root), export.format(root=ctx.root)
+    check(ctx, lambda c: CheckpointConfig(ckpt_path=ck, export_path=ex), ConfigError, "export_path=", how,
+          "ckpt_path=", "another directory")
+
+
+def test_yaml_syntax_error_names_file_and_line(ctx):
+    path = ctx.tmp / "broken.yaml"
+    path.write_text("trainer:\n  ckpt_interval: 5\n  ckpt_path: [a, b\n  resume_mode: latest\n")
+    check(ctx, lambda c: CheckpointConfig.from_yaml(str(path)), ConfigError, "broken.yaml", "YAML syntax error",
+          "line 4", "resume_mode: latest", "fix the YAML")
+
+
+def test_path_too_long(ctx):
+    long_path = str(ctx.tmp / "/".join(["d" * 200] * 20))  # ~4 kB, every name within 255 bytes
+    check(ctx, lambda c: save(c, ckpt_path=long_path), ConfigError, "ckpt_path=", "bytes long", "4096",
+          "shorter ckpt_path")
+    check(ctx, lambda c: CheckpointConfig(ckpt_path=str(c.tmp / ("n" * 300))), ConfigError, "300 bytes",
+          "255 bytes per name", "shorter ckpt_path")
+
+
+def test_pointer_file_is_a_directory(ctx, caplog):
+    pointer = ctx.root / "latest_ckpt_global_step.txt"
+    pointer.unlink()
+    pointer.mkdir()
+    caplog.set_level(logging.WARNING)
+    assert resume(ctx, roles_for(model_at(0))).step == 2  # reading: a warning, the newest committed step
+    assert "is a directory, not the pointer file; move it away" in caplog.text
+    check(ctx, lambda c: save(c), StorageError, str(pointer), "is a directory", "move that directory away")
+    assert not list(ctx.root.glob(".tmp-global_step_3*")) and not (ctx.root / "global_step_3").exists()
+
+
+@pytest.mark.parametrize("heartbeat", ["soon", None, [1]], ids=["text", "null", "list"])
+def test_lock_with_garbage_heartbeat(ctx, heartbeat):
+    (ctx.root / ".skyrl_lock.json").write_text(json.dumps(
+        {"owner": "other-run", "host": "some-other-host", "pid": 4242, "heartbeat": heartbeat}))
+    check(ctx, lambda c: save(c), CheckpointLockError, ".skyrl_lock.json", "heartbeat", "not a time",
+          "some-other-host", "delete", "another ckpt_path")
+
+
+def test_lock_with_garbage_heartbeat_dead_pid_is_taken_over(ctx):
+    """A damaged lock of this host whose pid is gone belongs to a dead run: taken over, as a stale lock is."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (ctx.root / ".skyrl_lock.json").write_text(json.dumps(
+        {"owner": "other-run", "host": socket.gethostname(), "pid": dead.pid, "heartbeat": "soon"}))
+    save(ctx)
+    assert (ctx.root / "global_step_3").is_dir()
+
+
+def test_missing_s3_bucket(s3_server, tmp_path):
+    url = f"s3://skyrl-no-such-bucket-{uuid.uuid4().hex[:8]}/run"
+    config = CheckpointConfig(ckpt_path=url, export_path=str(tmp_path / "e"),
+                              storage_options=s3_server.storage_options, cloud_retry_deadline_s=5.0)
+    mgr = CheckpointManager(config)
+    with pytest.raises(StorageError) as info:
+        mgr.save(1, roles_for(model_at(1)))
+    msg = str(info.value)
+    bucket = url.split("/")[2]
+    for needle in (f"bucket {bucket!r} does not exist", "ckpt_path", url, f"create the bucket s3://{bucket}"):
+        assert needle.lower() in msg.lower(), f"{needle!r} not in {msg}"
+
+
+def test_relative_ckpt_path_resolved_at_construction(ctx, monkeypatch):
+    """A relative ckpt_path means the working directory when the config was made, not after a later chdir
+    (Hydra changes it per run), as Lightning's ModelCheckpoint resolves its dirpath."""
+    monkeypatch.chdir(ctx.tmp)
+    ckpt = SkyRLCheckpoint({"ckpt_path": "rel_ckpts", "export_path": "rel_exports"})
+    elsewhere = ctx.tmp / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    mgr = CheckpointManager(ckpt.config)
+    mgr.save(1, roles_for(model_at(1)))
+    mgr.close()
+    assert (ctx.tmp / "rel_ckpts" / "global_step_1" / "skyrl_manifest.json").is_file()
+    assert not (elsewhere / "rel_ckpts").exists()
+    assert ckpt.config.ckpt_path == str(ctx.tmp / "rel_ckpts")
+
+
+def test_prune_keeps_a_live_runs_staging_dir(ctx, capsys):
+    from skyrl_callbacks.cli import main
+
+    staging = ctx.root / ".tmp-global_step_3-0123456789ab"
+    (staging / "policy").mkdir(parents=True)
+    (staging / "policy" / "model_state.pt").write_bytes(b"x" * 64)
+    owner = subprocess.Popen(["sleep", "60"])
+    try:
+        (ctx.root / ".skyrl_lock.json").write_text(json.dumps(
+            {"owner": "live-run", "host": socket.gethostname(), "pid": owner.pid, "heartbeat": time.time()}))
+        check(ctx, lambda c: main(["prune", str(c.root), "--keep", "2"]), None)
+        err = capsys.readouterr().err
+        assert staging.is_dir(), "prune removed a live run's save in progress"
+        for needle in ("not removing 1 leftover", staging.name, "live run", f"pid {owner.pid}", "after that run ends"):
+            assert needle in err, f"{needle!r} not in {err}"
+    finally:
+        owner.kill()
+        owner.wait()
+    assert main(["prune", str(ctx.root), "--keep", "2"]) == 0  # the run is gone: now it is a leftover
+    assert not staging.exists()
+
+
+def test_stray_step_dir_with_only_trainer_state(ctx, caplog):
+    """global_step_99/ holding only trainer_state.pt, no pointer: not a SkyRL-native checkpoint (no role directory
+    with model files), so it is ignored with a warning and the newest intact step is resumed."""
+    stray = ctx.root / "global_step_99"
+    stray.mkdir()
+    shutil.copy(ctx.root / "global_step_2" / "trainer_state.pt", stray / "trainer_state.pt")
+    (ctx.root / "latest_ckpt_global_step.txt").unlink()
+    caplog.set_level(logging.WARNING)
+    state = check(ctx, lambda c: resume(c, roles_for(model_at(0))), None,
+                  warn=("ignoring", "global_step_99", "role directory with model files"), caplog=caplog)
+    assert state.step == 2

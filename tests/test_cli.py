@@ -137,6 +137,7 @@ def plain_run(ckpt_path: str, storage_options: dict | None = None):
         opt.zero_grad()
         sched.step()
         mgr.save(step, [role], trainer_state={"epoch": 0}, data_state={"epoch": 0, "batches_seen": step})
+    mgr.close()  # the run is over: its lock goes (prune keeps leftovers while a live run holds it)
     return model.eval()
 
 

@@ -108,6 +108,8 @@ def test_example_configs() -> None:
     for name in ("ppo_lightning", "grpo_accelerate"):
         for suffix in ("", "_tiny"):
             cfg = CheckpointConfig.from_yaml(str(EXAMPLES / "configs" / f"{name}{suffix}.yaml"))
-            assert cfg.ckpt_path == f"runs/{name}{suffix}/ckpts" and cfg.export_path == f"runs/{name}{suffix}/exports"
+            # relative paths are resolved against the working directory when the config is made
+            assert cfg.ckpt_path == os.path.abspath(f"runs/{name}{suffix}/ckpts")
+            assert cfg.export_path == os.path.abspath(f"runs/{name}{suffix}/exports")
             assert cfg.resume_mode == "latest" and cfg.hf_save_interval > 0 and cfg.ckpt_interval > 0
             assert "total_steps" in cfg.extra and "algorithm" in cfg.extra

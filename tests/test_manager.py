@@ -149,8 +149,11 @@ def test_latest_prefers_pointer_then_newest_committed(tmp_path, caplog):
     assert state.step == 20
     assert "global_step_30" in caplog.text
     # a pointer one commit behind (crash between commit and pointer move): the commit made after
-    # the pointed-to checkpoint by the same run (manifest parent_step) is used
+    # the pointed-to checkpoint by the same run (manifest parent_step) is used; the pointer was last
+    # written before that commit (a pointer written after it was moved back by hand: test_lineage.py)
     (root / "latest_ckpt_global_step.txt").write_text("10")
+    before = (root / "global_step_20" / "skyrl_manifest.json").stat().st_mtime - 5
+    os.utime(root / "latest_ckpt_global_step.txt", (before, before))
     assert CheckpointManager(cfg(tmp_path)).resume(roles2).step == 20
     assert "committed after the pointer" in caplog.text
     (root / "latest_ckpt_global_step.txt").unlink()
