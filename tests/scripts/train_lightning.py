@@ -1,7 +1,9 @@
 """A small RL-shaped Lightning run used by the exact-resume and crash tests.
 
 policy + critic (+ a frozen reference model that must never be saved), dropout so the RNG
-matters, AdamW + LR schedulers. Writes a log of the batches each step saw and, at the end,
+matters, AdamW + LR schedulers. Every step also draws from python ``random`` and numpy's global
+RNG and feeds the draws into the loss (and the log): a resume that restored only torch's RNG
+would train on other inputs and end with other weights. Writes a log of the batches each step saw and, at the end,
 the final states to ``--out``. ``--kill-at-step K`` SIGKILLs the whole process group inside
 step K (after the rules ran), like a preemption without warning.
 """
@@ -11,8 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import signal
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -33,14 +37,18 @@ class RLModule(pl.LightningModule):
         self.log_path = log_path
         self.seen = 0
 
-    def _record(self, batch) -> None:
+    def _record(self, batch) -> tuple[float, float]:
+        """Log what this step saw and return its python / numpy draws (they go into the loss)."""
         x, idx = batch
         rank = self.trainer.global_rank
+        py, npy = random.random(), float(np.random.standard_normal())
         with open(f"{self.log_path}.rank{rank}", "a") as fh:
-            fh.write(json.dumps({"idx": idx.tolist(), "noise": float(torch.rand(1))}) + "\n")
+            fh.write(json.dumps({"idx": idx.tolist(), "noise": float(torch.rand(1)), "py": py, "np": npy}) + "\n")
+        return py, npy
 
-    def _losses(self, batch):
+    def _losses(self, batch, draws):
         x, _ = batch
+        x = x * (1.0 + 0.5 * draws[0]) + 0.1 * draws[1]  # the python and numpy draws change the update
         logits = self.policy(x)
         kl = (logits - self.ref(x)).pow(2).mean()
         value = self.critic(x).squeeze(-1)
@@ -48,13 +56,13 @@ class RLModule(pl.LightningModule):
         return -(logits.log_softmax(-1)[:, 0] * (reward - value.detach())).mean() + 0.1 * kl, (value - reward).pow(2).mean()
 
     def training_step(self, batch, batch_idx):
-        self._record(batch)
+        draws = self._record(batch)
         if self.automatic_optimization:
-            pl_loss, v_loss = self._losses(batch)
+            pl_loss, v_loss = self._losses(batch, draws)
             return pl_loss + v_loss
         opt_p, opt_c = self.optimizers()
         sch_p, sch_c = self.lr_schedulers()
-        pl_loss, v_loss = self._losses(batch)
+        pl_loss, v_loss = self._losses(batch, draws)
         opt_p.zero_grad()
         opt_c.zero_grad()
         self.manual_backward(pl_loss + v_loss)  # one backward: DDP needs every parameter in the graph
@@ -164,6 +172,8 @@ def main() -> None:
             "optimizers": [o.state_dict() for o in trainer.optimizers],
             "schedulers": [c.scheduler.state_dict() for c in trainer.lr_scheduler_configs],
             "rng": torch.get_rng_state(),
+            "py_rng": random.getstate(),
+            "np_rng": np.random.get_state()[1].tolist(),
             "step": skyrl.step,
             "resumed_step": skyrl.resumed_step,
         }
