@@ -163,7 +163,7 @@ def test_commit_fsyncs_files_dirs_and_pointer_in_order(tmp_path, mode):
     assert len(trash) == 1, "global_step_1 was not retired by a rename"
     commit3 = _index(events, "rename", lambda p: p[1] == os.path.join(root, "global_step_3"))[0]
     last_ptr = max(pointer_renames)
-    assert trash[0] > commit3 and trash[0] > last_ptr, "retention ran before the new checkpoint was committed"
+    assert trash[0] > commit3 and trash[0] > last_ptr, "retention ran before the new checkpoint and its pointer were durable"
     assert any(last_ptr < i < trash[0] for i in root_fsyncs), "retention before the pointer's directory fsync"
     assert any(i > trash[0] for i in root_fsyncs), "the retirement rename was not fsynced"
     # figures for docs/reliability.md: fsyncs under each staging directory (files + dirs)
