@@ -723,6 +723,11 @@ def local_io_error(exc: OSError, path: str, action: str) -> OSError:
         msg = (f"{where}: the location is not writable ({exc.strerror}). Make the directory writable for this user "
                f"(uid {os.getuid() if hasattr(os, 'getuid') else '?'}), or point ckpt_path/export_path at a "
                f"writable directory.")
+    elif code == _errno.EFBIG:
+        msg = (f"{where}: file too large: the file exceeds the largest file this process may write (the "
+               f"RLIMIT_FSIZE limit, `ulimit -f`) or the file system's maximum file size. Raise the limit "
+               f"(`ulimit -f unlimited`) or point ckpt_path/export_path at a file system without it. "
+               f"Checkpoints committed earlier are untouched.")
     elif code in (_errno.ENOTDIR, _errno.EEXIST):
         msg = (f"{where}: a part of the path is a file, not a directory ({exc.strerror}). ckpt_path/export_path "
                f"must name directories: move the file away or choose another path.")

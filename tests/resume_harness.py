@@ -48,6 +48,8 @@ def assert_states_equal(a: dict, b: dict) -> None:
                 assert torch.equal(torch.as_tensor(val), torch.as_tensor(ob["state"][pid][key])), f"optimizer {pid}.{key}"
     assert a["schedulers"] == b["schedulers"]
     assert torch.equal(a["rng"], b["rng"]), "global torch RNG differs at the end"
+    assert a["py_rng"] == b["py_rng"], "python RNG differs at the end"
+    assert a["np_rng"] == b["np_rng"], "numpy RNG differs at the end"
     assert a["step"] == b["step"]
 
 
@@ -88,4 +90,6 @@ def check_exact_resume(tmp_path: Path, cache_dir: Path, args: list[str], kill_at
         effective = crashed[: expect_resume * lines_per_step] + crashed[first[r]:]
         assert [x["idx"] for x in effective] == [x["idx"] for x in straight], f"rank {r}: batch order differs"
         assert [x["noise"] for x in effective] == [x["noise"] for x in straight], f"rank {r}: RNG stream differs"
+        assert [x["py"] for x in effective] == [x["py"] for x in straight], f"rank {r}: python RNG stream differs"
+        assert [x["np"] for x in effective] == [x["np"] for x in straight], f"rank {r}: numpy RNG stream differs"
     return out

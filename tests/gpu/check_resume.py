@@ -86,7 +86,7 @@ def main() -> None:
     if out_b is None or out_c is None:
         C.report(f"{n}_exact_resume", False, f"missing final state (run B {out_b is not None}, run C {out_c is not None})")
     else:
-        problems = C.diff(out_b["policy"], out_c["policy"])
+        problems = C.diff(out_b["policy"], out_c["policy"]) if out_b["policy"] else ["run B saved no policy weights"]
         detail = (f"{len(out_b['policy'])} weights bitwise equal to the uninterrupted run" if not problems else
                   f"differs from the uninterrupted run: max abs diff {C.max_abs_diff(out_b['policy'], out_c['policy']):.3g}; "
                   + "; ".join(problems[:3]))

@@ -204,6 +204,8 @@ def compare(name: str, got: dict, ref: dict, extra: str = "") -> bool:
         return True
     problems = diff(got, ref)
     n_t = sum(1 for _ in _tensors(got))
+    if n_t == 0 or n_t != sum(1 for _ in _tensors(ref)):
+        problems = problems or [f"{n_t} tensors loaded, {sum(1 for _ in _tensors(ref))} in the reference"]
     detail = f"{n_t} tensors bitwise equal" if not problems else "; ".join(problems[:6])
     return report(name, not problems, (detail + (f"; {extra}" if extra else "")))
 

@@ -157,7 +157,10 @@ def phase_save2(work: str, dev) -> None:
             torch.save(ref_c, os.path.join(work, "ref_w2_capturable.pt"))
         mgr = _mgr(work, "ckpt_full_cap_w2", state_dict_type="full")
         res, secs = _timed(dev, lambda: mgr.save(CKPT_STEP, [role_c]))
-        C.report("fsdp2_full_save_w2_capturable", True, f"{res.bytes / 1e6:.1f} MB in {secs:.2f} s")
+        files = _listing(os.path.join(res.path, "policy")) if r == 0 else []
+        ok = {"model_state.pt", "optimizer_state.pt"} <= set(files) and res.bytes > 0 if r == 0 else True
+        C.report("fsdp2_full_save_w2_capturable", ok,
+                 f"{res.bytes / 1e6:.1f} MB in {secs:.2f} s; policy/ files {files}")
 
     if dev.type == "cuda":
         C.guarded("fsdp2_full_save_w2_capturable", _full_cap)
@@ -331,7 +334,13 @@ def phase_export_big(work: str, dev, small: bool) -> None:
 
         _, secs, mem, line = measure("dsd", fn)
         ref_holder["sd"] = holder.pop("sd")
-        C.report("dsd_full_state_dict_baseline", True, f"(not our code, for comparison) {line}")
+        sd = ref_holder["sd"]
+        want = {n for n, _ in model.named_parameters()}
+        # the reference of the bitwise check below: it must hold every parameter, full size
+        params = sum(p.numel() * p.element_size() for p in model.parameters())  # (DTensor: global numel)
+        ok = r != 0 or (bool(sd) and want <= set(sd)
+                        and sum(v.numel() * v.element_size() for v in sd.values()) >= params)
+        C.report("dsd_full_state_dict_baseline", ok, f"(not our code, for comparison) {len(sd)} tensors; {line}")
 
     C.guarded("dsd_full_state_dict_baseline", _c)
 
@@ -339,7 +348,10 @@ def phase_export_big(work: str, dev, small: bool) -> None:
     def _a():
         mgr = _mgr(work, "big", export_path=os.path.join(work, "big_export_default"))
         out, secs, mem, line = measure("default", lambda: mgr.export_hf(1, role))
-        C.report("hf_export_big_default_shard", True, f"max_shard_size=5GB: {line}")
+        shards = sorted(n for n in os.listdir(out) if n.endswith(".safetensors")) if r == 0 else []
+        # 5GB: the model fits one shard (and a single file needs no index)
+        ok = r != 0 or (os.path.isdir(out) and (len(shards) == 1 or size > 5e9))
+        C.report("hf_export_big_default_shard", ok, f"max_shard_size=5GB: {line}; shards {shards}")
         if r == 0:
             import shutil
 
@@ -353,7 +365,10 @@ def phase_export_big(work: str, dev, small: bool) -> None:
         mgr = _mgr(work, "big", export_path=os.path.join(work, "big_export_small"))
         out, secs, mem, line = measure("small", lambda: mgr.export_hf(1, role, max_shard_size=shard))
         rss0 = mem[0]["rss"]
-        C.report("hf_export_big_small_shards", True, f"max_shard_size={shard}: {line}; files "
+        shards = sorted(n for n in os.listdir(out) if n.endswith(".safetensors")) if r == 0 else []
+        # several shards and an index naming them (the model is many times the shard size)
+        ok = r != 0 or (len(shards) > 1 and os.path.exists(os.path.join(out, "model.safetensors.index.json")))
+        C.report("hf_export_big_small_shards", ok, f"max_shard_size={shard}: {line}; files "
                  f"{sorted(os.listdir(out)) if r == 0 else ''}")
         if r == 0:
             ref = {}

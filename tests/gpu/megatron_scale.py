@@ -189,6 +189,8 @@ def compare(got: dict, ref: dict) -> tuple[bool, str]:
             nbytes += n * torch.empty(0, dtype=getattr(torch, v[1])).element_size()
     if problems:
         return False, f"{len(problems)} differ: " + "; ".join(problems[:6])
+    if not tensors:
+        return False, "the reference holds no tensors: nothing was compared"
     return True, f"{tensors} full tensors ({nbytes / 1e9:.3f} GB) bitwise equal (sha256){note}"
 
 

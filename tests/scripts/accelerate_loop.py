@@ -1,7 +1,8 @@
 """A small RL-shaped hand-written Accelerate loop used by the exact-resume tests.
 
 policy + critic (+ a frozen reference model that must never be saved), dropout so the RNG
-matters, AdamW + LR schedulers, a shuffled dataloader prepared by accelerate, several epochs.
+matters, a python ``random`` and a numpy draw every step that go into the loss (so a resume that
+does not restore those RNGs ends with other weights), AdamW + LR schedulers, a shuffled dataloader prepared by accelerate, several epochs.
 ``SkyRLCheckpoint.bind/step/finish`` drive checkpointing. Every rank appends the batch each
 step saw (and a random draw) to ``--batch-log.rank{r}`` and writes its final states to
 ``--out.rank{r}``. ``--kill-at-step K`` SIGKILLs every process (and torchrun) right after
@@ -131,9 +132,11 @@ def main() -> None:
     batches = state.batches()
     for step in range(state.step + 1, args.steps + 1):
         xb, idx = next(batches)
+        py, npy = random.random(), float(np.random.standard_normal())
         with open(f"{args.batch_log}.rank{rank}", "a") as fh:
             fh.write(json.dumps({"step": step, "idx": idx.tolist(), "noise": float(torch.rand(1)),
-                                 "epoch": state.epoch}) + "\n")
+                                 "py": py, "np": npy, "epoch": state.epoch}) + "\n")
+        xb = xb * (1.0 + 0.5 * py) + 0.1 * npy  # the python and numpy draws change the update
         logits = policy(xb)
         kl = (logits - ref(xb)).pow(2).mean()
         value = critic(xb).squeeze(-1)
