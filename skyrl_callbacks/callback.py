@@ -342,6 +342,7 @@ class SkyRLCheckpoint(_CallbackBase):
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self.config.preemption_signals:
             self._install_preemption_handlers()
+        _fetch_on_demand(trainer)
 
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         self._restore_signal_handlers()
@@ -514,6 +515,37 @@ class SkyRLCheckpoint(_CallbackBase):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.step = int(state_dict.get("step", self.step))
+
+
+def _fetch_on_demand(trainer: "pl.Trainer") -> None:
+    """Stop Lightning from fetching a batch ahead from a loader without a length.
+
+    For such loaders (``IterableDataset`` rollouts) Lightning keeps one batch in hand to learn
+    that the epoch ended, so at ``on_train_batch_end`` of step N the batch of step N+1 has already
+    been drawn: a checkpoint would hold the loader's position, the RNG and the generators of the
+    module one batch ahead of the step, and a resumed run would skip that batch. From
+    ``on_train_start`` on, the batch fetched when the iterator was created is handed out first and
+    every later one is fetched when the step asks for it (Lightning's own no-prefetch path: an
+    epoch ends when the loader raises ``StopIteration``). Sized loaders are not prefetched anyway.
+    """
+    try:
+        from lightning.pytorch.loops.fetchers import _DataFetcher, _PrefetchDataFetcher
+    except ImportError:  # pragma: no cover - another Lightning layout: keep its fetching
+        return
+    fetcher = getattr(getattr(trainer, "fit_loop", None), "_data_fetcher", None)
+    if type(fetcher) is not _PrefetchDataFetcher or fetcher.length is not None:
+        return
+
+    class _OnDemandDataFetcher(_PrefetchDataFetcher):
+        def __next__(self) -> Any:
+            if self.batches:  # fetched when the iterator was created, before on_train_start
+                return self.batches.pop(0)
+            if self.done:
+                raise StopIteration
+            return _DataFetcher.__next__(self)
+
+    fetcher.__class__ = _OnDemandDataFetcher
+    fetcher.prefetch_batches = 0
 
 
 def _module_generators(module: Any) -> dict:

@@ -547,7 +547,11 @@ def role_size(role: Role) -> tuple[int, int]:
     (no ``state_dict()``: it is a collective for FSDP1)."""
     seen: set[int] = set()
     count = size = 0
-    tensors = _named_tensors(role.model)
+    tensors = [(clean_name(n), p) for n, p in role.model.named_parameters(remove_duplicate=False)]
+    for mname, m in role.model.named_modules(remove_duplicate=False):
+        for bname, b in m._buffers.items():  # persistent buffers: what state_dict() holds
+            if b is not None and bname not in m._non_persistent_buffers_set:
+                tensors.append((clean_name(f"{mname}.{bname}" if mname else bname), b))
     for name, t in tensors:
         if role.is_view:
             if role.own_key(name) is None:
