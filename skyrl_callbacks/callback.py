@@ -527,6 +527,9 @@ def _fetch_on_demand(trainer: "pl.Trainer") -> None:
     ``on_train_start`` on, the batch fetched when the iterator was created is handed out first and
     every later one is fetched when the step asks for it (Lightning's own no-prefetch path: an
     epoch ends when the loader raises ``StopIteration``). Sized loaders are not prefetched anyway.
+
+    Not with validation on: Lightning needs the look-ahead to run validation on the last batch
+    of a finite epoch; a warning says that a resume is then one batch off.
     """
     try:
         from lightning.pytorch.loops.fetchers import _DataFetcher, _PrefetchDataFetcher
@@ -534,6 +537,16 @@ def _fetch_on_demand(trainer: "pl.Trainer") -> None:
         return
     fetcher = getattr(getattr(trainer, "fit_loop", None), "_data_fetcher", None)
     if type(fetcher) is not _PrefetchDataFetcher or fetcher.length is not None:
+        return
+    if getattr(trainer, "enable_validation", False):
+        if trainer.is_global_zero:
+            import warnings
+
+            warnings.warn(
+                "[skyrl-ckpt] the train loader has no length and validation is on, so Lightning fetches each batch "
+                "before the previous step ends: a checkpoint holds the data position and RNG states one batch ahead, "
+                "and a resumed run is not bitwise the uninterrupted one. Give the loader a length, or validate from "
+                "a callback, for an exact resume.", UserWarning, stacklevel=2)
         return
 
     class _OnDemandDataFetcher(_PrefetchDataFetcher):
