@@ -456,10 +456,14 @@ class Endless(IterableDataset):
 
 
 def test_unsized_loader_with_validation_keeps_lightnings_look_ahead_and_says_so(tmp_path):
-    cb = SkyRLCheckpoint({"ckpt_interval": 5, "ckpt_path": str(tmp_path / "c")})
-    trainer = pl.Trainer(max_steps=2, accelerator="cpu", callbacks=[cb], logger=False, enable_checkpointing=False,
+    class Fetcher(pl.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            self.kind = type(trainer.fit_loop._data_fetcher).__name__
+
+    cb, seen = SkyRLCheckpoint({"ckpt_interval": 5, "ckpt_path": str(tmp_path / "c")}), Fetcher()
+    trainer = pl.Trainer(max_steps=2, accelerator="cpu", callbacks=[cb, seen], logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, val_check_interval=1,
                          limit_val_batches=1, num_sanity_val_steps=0)
     with pytest.warns(UserWarning, match="no length and validation is on"):
         trainer.fit(Validated(), DataLoader(Endless(), batch_size=None), DataLoader(Endless(), batch_size=None))
-    assert type(trainer.fit_loop._data_fetcher).__name__ == "_PrefetchDataFetcher"
+    assert seen.kind == "_PrefetchDataFetcher"  # Lightning's, with its look-ahead
