@@ -284,8 +284,9 @@ class SkyRLCheckpoint(_CallbackBase):
         if generators:
             lightning_state["module_generators"] = {k: g.get_state() for k, g in generators.items()}
         state = {"framework": "lightning", "lightning": lightning_state, "skyrl_step": int(self.step)}
-        if self._assignment is not None and (self._assignment.unowned_optimizers or self._assignment.unowned_schedulers):
-            state["no_role"] = unowned_state(self._assignment)
+        assignment = self._assignment
+        if assignment is not None and (assignment.unowned_optimizers or assignment.unowned_schedulers):
+            state["no_role"] = unowned_state(assignment)
         return state, data_state
 
     # ------------------------------------------------------------------ hooks
@@ -549,16 +550,23 @@ def _fetch_on_demand(trainer: "pl.Trainer") -> None:
                 "a callback, for an exact resume.", UserWarning, stacklevel=2)
         return
 
-    class _OnDemandDataFetcher(_PrefetchDataFetcher):
-        def __next__(self) -> Any:
-            if self.batches:  # fetched when the iterator was created, before on_train_start
-                return self.batches.pop(0)
-            if self.done:
-                raise StopIteration
-            return _DataFetcher.__next__(self)
+    global _ON_DEMAND_FETCHER
+    if _ON_DEMAND_FETCHER is None:
 
-    fetcher.__class__ = _OnDemandDataFetcher
+        class _OnDemandDataFetcher(_PrefetchDataFetcher):
+            def __next__(self) -> Any:
+                if self.batches:  # fetched when the iterator was created, before on_train_start
+                    return self.batches.pop(0)
+                if self.done:
+                    raise StopIteration
+                return _DataFetcher.__next__(self)
+
+        _ON_DEMAND_FETCHER = _OnDemandDataFetcher
+    fetcher.__class__ = _ON_DEMAND_FETCHER
     fetcher.prefetch_batches = 0
+
+
+_ON_DEMAND_FETCHER: Optional[type] = None
 
 
 def _module_generators(module: Any) -> dict:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
 from skyrl_callbacks.errors import ConfigError
 
@@ -227,8 +227,7 @@ def choose_roles(
     *,
     lookup: Optional[Callable[[str], Any]] = None,
     label: Callable[[str], str] = lambda a: f"module.{a}",
-    fix: Callable[[str, Sequence[str]], str] = lambda role, attrs: (
-        f"pass SkyRLCheckpoint(roles={{{role!r}: {attrs[0]!r}}}) (or {attrs[1]!r}) to say which one is the {role}"),
+    fix: Optional[Callable[[str, Sequence[str]], str]] = None,
     sole_model: bool = True,
     owner: str = "the module",
 ) -> RoleChoice:
@@ -255,6 +254,7 @@ def choose_roles(
 
     explicit = dict(explicit or {})
     lookup = lookup or (lambda a: candidates.get(a))
+    fix = fix or _roles_fix
     modules = {n: m for n, m in candidates.items() if isinstance(m, torch.nn.Module)}
     choice = RoleChoice()
     taken: list = []  # modules already in a role
@@ -322,12 +322,18 @@ def choose_roles(
         raise ConfigError(
             f"roles: found the critic ({label(choice.attrs['critic'])}) but no policy: none of "
             f"{', '.join(ROLE_ALIASES['policy'])} is a module of {owner}, and the trainable "
-            f"{', '.join(label(n) for n in left)} would belong to no role; "
-            f"{fix('policy', [left[0], left[0]]).split(' (or ')[0]} to save it as the policy."
+            f"{', '.join(label(n) for n in left)} would belong to no role; {fix('policy', left[:1])}."
         )
     order = {"policy": 0, "critic": 1}
     choice.attrs = dict(sorted(choice.attrs.items(), key=lambda kv: order.get(kv[0], 2)))
     return choice
+
+
+def _roles_fix(role: str, attrs: Sequence[str]) -> str:
+    """The ``roles=`` mapping that settles a role (Lightning's wording)."""
+    if len(attrs) == 1:
+        return f"pass SkyRLCheckpoint(roles={{{role!r}: {attrs[0]!r}}}) to save it as the {role}"
+    return f"pass SkyRLCheckpoint(roles={{{role!r}: {attrs[0]!r}}}) (or {attrs[1]!r}) to say which one is the {role}"
 
 
 def discover_roles(

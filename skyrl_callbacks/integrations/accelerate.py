@@ -508,7 +508,8 @@ def bind(callback: Any, accelerator: Any = None, **roles_and_state: Any) -> Loop
             raise ConfigError(f"bind(): {key}= must be the {role} torch.nn.Module, got {type(obj).__name__}.")
     policy_keys = [k for k in (*ROLE_ALIASES["policy"], SOLE_POLICY_ATTR) if k in given]
     if len(policy_keys) > 1:  # choose_roles would take model= as a module of no role
-        raise ConfigError(f"bind(): {policy_keys[0]}= and {policy_keys[1]}= both name the policy; pass only one of them.")
+        raise ConfigError(
+            f"bind(): {policy_keys[0]}= and {policy_keys[1]}= both name the policy; pass only one of them.")
     choice = choose_roles(
         {k: _model_for_role(v) if isinstance(v, torch.nn.Module) else v for k, v in given.items()},
         label=lambda a: f"{a}=", fix=lambda role, keys: f"pass only one of {keys[0]}= and {keys[1]}= to bind()",
