@@ -467,3 +467,13 @@ def test_unsized_loader_with_validation_keeps_lightnings_look_ahead_and_says_so(
     with pytest.warns(UserWarning, match="no length and validation is on"):
         trainer.fit(Validated(), DataLoader(Endless(), batch_size=None), DataLoader(Endless(), batch_size=None))
     assert seen.kind == "_PrefetchDataFetcher"  # Lightning's, with its look-ahead
+
+
+def test_bind_takes_model_as_the_policy(tmp_path, capsys):
+    net, ref = nn.Linear(2, 2), nn.Linear(2, 2)
+    ckpt = SkyRLCheckpoint({"ckpt_path": str(tmp_path / "c")})
+    ckpt.bind(None, model=net, reward_model=ref, optimizers=torch.optim.SGD(net.parameters(), lr=0.1))
+    assert [(r.name, r.model) for r in ckpt._binding.roles] == [("policy", net)]
+    assert ("[skyrl-ckpt] roles: policy <- model= (2 tensors, 0.0 MB; optimizer 0, no scheduler); "
+            "not saved: reward_model= (reward model)") in capsys.readouterr().out
+    ckpt.finish()
