@@ -25,7 +25,20 @@ from skyrl_callbacks.dist import DistContext
 from skyrl_callbacks.manager import CheckpointManager, SaveResult
 from skyrl_callbacks.rng import restore_rng
 from skyrl_callbacks.safe_load import to_portable
-from skyrl_callbacks.roles import REF_ATTRS, Role, assign_optimizers, discover_roles
+from skyrl_callbacks.roles import (
+    REF_ATTRS,
+    OptimizerAssignment,
+    Role,
+    RoleChoice,
+    assign_optimizers,
+    clean_name,
+    describe_roles,
+    discover_roles,
+    load_unowned_state,
+    module_role_choice,
+    outside_roles_state,
+    unowned_state,
+)
 
 try:  # Lightning is optional: without it SkyRLCheckpoint still drives Accelerate/plain loops
     from lightning.pytorch import Callback as _CallbackBase
@@ -80,10 +93,13 @@ class SkyRLCheckpoint(_CallbackBase):
     Args:
         config: a :class:`~skyrl_callbacks.CheckpointConfig`, a dict of its keys, a YAML path,
             or an OmegaConf node (e.g. SkyRL's ``cfg.trainer``).
-        roles: role name -> attribute of the LightningModule (default
-            ``{"policy": "policy", "critic": "critic"}``). A module with none of them is
-            saved whole as ``policy``.
-        ref_attrs: attributes holding reference models, never saved.
+        roles: role name -> attribute of the LightningModule (dotted paths allowed; ``None``
+            turns a role off). Roles not named are found by name: ``policy``/``actor``/
+            ``actor_model``/``policy_model`` (or ``model``, when it is the only trainable
+            module) and ``critic``/``value_model``/``value_net``/``value_head``; two candidates
+            for one role are refused. A module matching no role name is saved whole as ``policy``.
+        ref_attrs: attributes holding reference or reward models, never saved (modules whose
+            parameters are all frozen are not saved either).
         tokenizer: saved under ``huggingface/`` and in HF exports (default: the module's
             ``tokenizer`` attribute, if any).
         export_dtype: dtype of HF exports (default: the training dtype).
@@ -112,6 +128,9 @@ class SkyRLCheckpoint(_CallbackBase):
         self._last_global_step: Optional[int] = None
         self.last_save: Optional[SaveResult] = None
         self.resumed_step: Optional[int] = None
+        #: the roles decided at the start of ``fit`` (kept for the whole run)
+        self._role_choice: Optional[RoleChoice] = None
+        self._assignment: Optional[OptimizerAssignment] = None
 
     @property
     def state_key(self) -> str:
@@ -139,14 +158,46 @@ class SkyRLCheckpoint(_CallbackBase):
         # "policy." etc.), saved and loaded through the root. With use_orig_params=True (the
         # strategy's default) the optimizers hold the same Parameter objects as pl_module, so the
         # assignment by parameter identity below still works.
-        roles = discover_roles(pl_module, self.role_attrs, self.ref_attrs, root=self._fsdp1_root(trainer, pl_module))
+        roles = discover_roles(pl_module, root=self._fsdp1_root(trainer, pl_module), choice=self._choice(pl_module))
         schedulers = [cfg.scheduler for cfg in trainer.lr_scheduler_configs]
-        assign_optimizers(roles, trainer.optimizers, schedulers)
+        names = {id(p): f"module.{clean_name(n)}" for n, p in pl_module.named_parameters()}
+        self._assignment = assign_optimizers(roles, trainer.optimizers, schedulers, names)
         tok = self.tokenizer if self.tokenizer is not None else getattr(pl_module, "tokenizer", None)
         for role in roles:
             if role.name == "policy":
                 role.tokenizer = tok
         return roles
+
+    def _choice(self, pl_module: "pl.LightningModule") -> RoleChoice:
+        """Which attribute is which role, decided once per ``fit`` (see :mod:`skyrl_callbacks.roles`)."""
+        if self._role_choice is None:
+            self._role_choice = module_role_choice(pl_module, self.role_attrs, self.ref_attrs)
+        return self._role_choice
+
+    def _announce_roles(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", roles: list[Role]) -> None:
+        """Rank 0: the mapping line, and a warning for each optimizer or parameter outside the rules."""
+        if not trainer.is_global_zero:
+            return
+        import warnings
+
+        choice = self._choice(pl_module)
+        sources = {name: (f"module.{attr}" if attr else f"module (whole, {type(pl_module).__name__})")
+                   for name, attr in choice.attrs.items()}
+        not_saved = {f"module.{attr}": why for attr, why in choice.not_saved.items()}
+        schedulers = [cfg.scheduler for cfg in trainer.lr_scheduler_configs]
+        unowned = [f"module.{a}" for a in choice.unowned_attrs()]
+        _announce(describe_roles(roles, sources, not_saved, trainer.optimizers, schedulers, self._assignment, unowned))
+        if choice.unowned:
+            attrs = choice.unowned_attrs()
+            names = ", ".join(f"module.{n}" for n in choice.unowned[:8]) + (" ..." if len(choice.unowned) > 8 else "")
+            warnings.warn(
+                f"[skyrl-ckpt] trainable parameters outside every role: {names} (attribute(s) "
+                f"{', '.join(attrs)}). They are saved in trainer_state.pt, not under policy/ or critic/, so "
+                f"SkyRL's tools and HF exports do not see them. If {attrs[0]!r} is the policy or the critic, say so: "
+                f"SkyRLCheckpoint(cfg, roles={{'policy': {attrs[0]!r}}}).",
+                UserWarning, stacklevel=2)
+        for line in (self._assignment.warnings if self._assignment is not None else []):
+            warnings.warn(f"[skyrl-ckpt] {line}", UserWarning, stacklevel=2)
 
     def _current_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> Optional[int]:
         """SkyRL's step after this batch, or None when this batch did not complete an iteration."""
@@ -160,18 +211,15 @@ class SkyRLCheckpoint(_CallbackBase):
         self.step += 1
         return self.step
 
-    def _extra_prefixes(self) -> tuple:
-        prefixes = tuple(f"{a}." for a in (self.role_attrs or {"policy": "policy", "critic": "critic"}).values() if a)
-        return prefixes + tuple(f"{a}." for a in self.ref_attrs)
-
     def _extra_module_state(self, pl_module: "pl.LightningModule", roles: list[Role]) -> dict:
-        """Parameters/buffers of the module that belong to no role (and to no reference model)."""
-        if len(roles) == 1 and (roles[0].model is pl_module or roles[0].include_prefix == ""):
-            return {}
-        prefixes = self._extra_prefixes()
+        """Parameters/buffers of the module that belong to no role (and to no reference model);
+        frozen modules keep only their buffers."""
+        choice = self._choice(pl_module)
         if any(r.is_view for r in roles):
-            return self._extra_buffers_under_root(pl_module, prefixes)
-        return {k: v for k, v in pl_module.state_dict().items() if not k.startswith(prefixes)}
+            if len(roles) == 1 and roles[0].include_prefix == "":
+                return {}
+            return self._extra_buffers_under_root(pl_module, choice.role_prefixes() + choice.unsaved_prefixes())
+        return outside_roles_state(pl_module, choice)
 
     def _check_fsdp1_root(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", roles: list[Role]) -> None:
         """Refuse, before training, what cannot be saved under an FSDP1 root."""
@@ -233,7 +281,14 @@ class SkyRLCheckpoint(_CallbackBase):
             "hparams": to_portable(dict(getattr(pl_module, "hparams", {}) or {})),  # recorded, not restored
             "automatic_optimization": pl_module.automatic_optimization,
         }
-        return {"framework": "lightning", "lightning": lightning_state, "skyrl_step": int(self.step)}, data_state
+        generators = _module_generators(pl_module)
+        if generators:
+            lightning_state["module_generators"] = {k: g.get_state() for k, g in generators.items()}
+        state = {"framework": "lightning", "lightning": lightning_state, "skyrl_step": int(self.step)}
+        assignment = self._assignment
+        if assignment is not None and (assignment.unowned_optimizers or assignment.unowned_schedulers):
+            state["no_role"] = unowned_state(assignment)
+        return state, data_state
 
     # ------------------------------------------------------------------ hooks
     def _new_manager(self) -> CheckpointManager:
@@ -289,6 +344,7 @@ class SkyRLCheckpoint(_CallbackBase):
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self.config.preemption_signals:
             self._install_preemption_handlers()
+        _fetch_on_demand(trainer)
 
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         self._restore_signal_handlers()
@@ -306,9 +362,11 @@ class SkyRLCheckpoint(_CallbackBase):
         if self.manager is None:
             self.manager = self._new_manager()
         self.manager.dist = DistContext()  # the process group exists now
+        self._role_choice = None  # decided again for this fit (the module may be another one)
         roles = self._roles(trainer, pl_module)
         if any(r.is_view for r in roles):
             self._check_fsdp1_root(trainer, pl_module, roles)
+        self._announce_roles(trainer, pl_module, roles)
         self.manager.acquire_lock()  # fail before training if another live run owns ckpt_path
         state = self.manager.resume(roles)
         if state is None:
@@ -341,6 +399,11 @@ class SkyRLCheckpoint(_CallbackBase):
             pl_module.load_state_dict(extra, strict=False)
         if lt.get("module_checkpoint"):
             pl_module.on_load_checkpoint(lt["module_checkpoint"])
+        generators = _module_generators(pl_module)
+        for name, gen_state in (lt.get("module_generators") or {}).items():
+            if name in generators:
+                generators[name].set_state(gen_state)
+        load_unowned_state(self._assignment, state.trainer_state.get("no_role"), state.path)
         self.step = int(state.trainer_state.get("skyrl_step", state.step))
         self._last_global_step = trainer.global_step
         self.resumed_step = self.step
@@ -456,11 +519,67 @@ class SkyRLCheckpoint(_CallbackBase):
         self.step = int(state_dict.get("step", self.step))
 
 
+def _fetch_on_demand(trainer: "pl.Trainer") -> None:
+    """Stop Lightning from fetching a batch ahead from a loader without a length.
+
+    For such loaders (``IterableDataset`` rollouts) Lightning keeps one batch in hand to learn
+    that the epoch ended, so at ``on_train_batch_end`` of step N the batch of step N+1 has already
+    been drawn: a checkpoint would hold the loader's position, the RNG and the generators of the
+    module one batch ahead of the step, and a resumed run would skip that batch. From
+    ``on_train_start`` on, the batch fetched when the iterator was created is handed out first and
+    every later one is fetched when the step asks for it (Lightning's own no-prefetch path: an
+    epoch ends when the loader raises ``StopIteration``). Sized loaders are not prefetched anyway.
+
+    Not with validation on: Lightning needs the look-ahead to run validation on the last batch
+    of a finite epoch; a warning says that a resume is then one batch off.
+    """
+    try:
+        from lightning.pytorch.loops.fetchers import _DataFetcher, _PrefetchDataFetcher
+    except ImportError:  # pragma: no cover - another Lightning layout: keep its fetching
+        return
+    fetcher = getattr(getattr(trainer, "fit_loop", None), "_data_fetcher", None)
+    if type(fetcher) is not _PrefetchDataFetcher or fetcher.length is not None:
+        return
+    if getattr(trainer, "enable_validation", False):
+        if trainer.is_global_zero:
+            import warnings
+
+            warnings.warn(
+                "[skyrl-ckpt] the train loader has no length and validation is on, so Lightning fetches each batch "
+                "before the previous step ends: a checkpoint holds the data position and RNG states one batch ahead, "
+                "and a resumed run is not bitwise the uninterrupted one. Give the loader a length, or validate from "
+                "a callback, for an exact resume.", UserWarning, stacklevel=2)
+        return
+
+    global _ON_DEMAND_FETCHER
+    if _ON_DEMAND_FETCHER is None:
+
+        class _OnDemandDataFetcher(_PrefetchDataFetcher):
+            def __next__(self) -> Any:
+                if self.batches:  # fetched when the iterator was created, before on_train_start
+                    return self.batches.pop(0)
+                if self.done:
+                    raise StopIteration
+                return _DataFetcher.__next__(self)
+
+        _ON_DEMAND_FETCHER = _OnDemandDataFetcher
+    fetcher.__class__ = _ON_DEMAND_FETCHER
+    fetcher.prefetch_batches = 0
+
+
+_ON_DEMAND_FETCHER: Optional[type] = None
+
+
+def _module_generators(module: Any) -> dict:
+    """``torch.Generator`` attributes of the LightningModule (rollout samplers...): module state."""
+    import torch
+
+    return {k: v for k, v in vars(module).items() if isinstance(v, torch.Generator)}
+
+
 def _load_buffers(module: Any, extra: dict) -> None:
     """Copy saved buffers (clean names) into ``module``'s buffers in place."""
     import torch
-
-    from skyrl_callbacks.roles import clean_name
 
     buffers = {clean_name(n): b for n, b in module.named_buffers()}
     with torch.no_grad():

@@ -72,7 +72,18 @@ from skyrl_callbacks.dist import DistContext
 from skyrl_callbacks.errors import ConfigError
 from skyrl_callbacks.manager import CheckpointManager, SaveResult
 from skyrl_callbacks.rng import restore_rng
-from skyrl_callbacks.roles import Role, assign_optimizers
+from skyrl_callbacks.roles import (
+    REF_ATTRS,
+    ROLE_ALIASES,
+    SOLE_POLICY_ATTR,
+    Role,
+    assign_optimizers,
+    choose_roles,
+    clean_name,
+    describe_roles,
+    load_unowned_state,
+    unowned_state,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -96,8 +107,9 @@ class Preempted(SystemExit):
         return f"preempted ({self.signal}) after step {self.step}, which is saved"
 
 
-_BIND_KEYS = ("policy", "critic", "ref", "optimizers", "schedulers", "dataloader", "tokenizer", "extra_state",
-              "exit_on_preemption")
+#: the keywords naming models: the role names of :mod:`skyrl_callbacks.roles` (``actor=`` is the policy...)
+_MODEL_KEYS = (*ROLE_ALIASES["policy"], SOLE_POLICY_ATTR, *ROLE_ALIASES["critic"], *REF_ATTRS)
+_BIND_KEYS = (*_MODEL_KEYS, "optimizers", "schedulers", "dataloader", "tokenizer", "extra_state", "exit_on_preemption")
 _ITERATION_KEY = "accelerate_iteration"
 
 
@@ -361,7 +373,8 @@ class _Binding:
     """What :func:`bind` learnt about the loop; kept on the callback as ``_binding``."""
 
     def __init__(self, accelerator: Any, models: dict, optimizers: list, schedulers: list, tokenizer: Any,
-                 data: Optional[DataState], extra_state: dict, exit_on_preemption: bool = True) -> None:
+                 data: Optional[DataState], extra_state: dict, exit_on_preemption: bool = True,
+                 sources: Optional[dict] = None, not_saved: Optional[dict] = None) -> None:
         self.accelerator = accelerator
         self.exit_on_preemption = exit_on_preemption
         #: name of the preemption signal this process received (set by the handler), or None
@@ -373,11 +386,16 @@ class _Binding:
         self.tokenizer = tokenizer
         self.data = data
         self.extra_state = extra_state
+        #: role -> the keyword it came from (``"actor="``); keyword -> why it is not saved
+        self.sources = dict(sources or {name: f"{name}=" for name in models})
+        self.not_saved = dict(not_saved or {})
         self.roles = self._build_roles()
 
     def _build_roles(self) -> list[Role]:
         roles = [Role(name=name, model=model) for name, model in self.models.items()]
-        assign_optimizers(roles, self.optimizers, self.schedulers)
+        names = {id(p): f"{self.sources.get(name, name + '=').rstrip('=')}.{clean_name(n)}"
+                 for name, model in self.models.items() for n, p in model.named_parameters()}
+        self.assignment = assign_optimizers(roles, self.optimizers, self.schedulers, names)
         for role in roles:
             if role.name == "policy":
                 role.tokenizer = self.tokenizer
@@ -400,10 +418,14 @@ class _Binding:
             accel["num_processes"] = int(getattr(acc, "num_processes", 1))
             accel["distributed_type"] = str(getattr(acc, "distributed_type", ""))
             accel["mixed_precision"] = str(getattr(acc, "mixed_precision", ""))
-        return {"framework": "accelerate" if acc is not None else "plain", "accelerate": accel,
-                "skyrl_step": int(callback.step)}
+        state = {"framework": "accelerate" if acc is not None else "plain", "accelerate": accel,
+                 "skyrl_step": int(callback.step)}
+        if self.assignment.unowned_optimizers or self.assignment.unowned_schedulers:
+            state["no_role"] = unowned_state(self.assignment)
+        return state
 
-    def apply_trainer_state(self, state: Mapping[str, Any]) -> None:
+    def apply_trainer_state(self, state: Mapping[str, Any], path: str = "") -> None:
+        load_unowned_state(self.assignment, state.get("no_role"), path)
         accel = state.get("accelerate") or {}
         acc = self.accelerator
         if acc is not None:
@@ -450,9 +472,12 @@ def bind(callback: Any, accelerator: Any = None, **roles_and_state: Any) -> Loop
         callback: the :class:`~skyrl_callbacks.SkyRLCheckpoint`.
         accelerator: the ``accelerate.Accelerator`` (None for a plain torch loop; the process
             group, if any, is torch.distributed's world).
-        policy: the policy model, as returned by ``accelerator.prepare`` (required).
-        critic: the critic (value) model, if any.
-        ref: a frozen reference model; accepted for clarity, never saved.
+        policy: the policy model, as returned by ``accelerator.prepare`` (required; also
+            accepted as ``actor=``, ``actor_model=``, ``policy_model=`` or ``model=``).
+        critic: the critic (value) model, if any (also ``value_model=``, ``value_net=``,
+            ``value_head=``).
+        ref: a frozen reference model (also ``ref_model=``, ``reference=``, ``reward_model=``,
+            ``rm=``); accepted for clarity, never saved.
         optimizers: optimizer(s) (``AcceleratedOptimizer`` or torch); each goes to the role
             whose parameters it updates.
         schedulers: LR scheduler(s) (``AcceleratedScheduler`` or torch).
@@ -466,7 +491,8 @@ def bind(callback: Any, accelerator: Any = None, **roles_and_state: Any) -> Loop
         loop continues at ``.step + 1``.
 
     Raises:
-        ConfigError: a missing policy, an unknown keyword, or an object of the wrong kind.
+        ConfigError: a missing policy, two keywords for one role (``policy=`` and ``actor=``),
+            an unknown keyword, or an object of the wrong kind.
         CheckpointError: resuming failed (see :meth:`CheckpointManager.resume`).
     """
     import torch
@@ -475,15 +501,25 @@ def bind(callback: Any, accelerator: Any = None, **roles_and_state: Any) -> Loop
     unknown = sorted(set(roles_and_state) - set(_BIND_KEYS))
     if unknown:
         raise ConfigError(f"bind(): unknown argument(s) {unknown}; valid: {', '.join(_BIND_KEYS)}.")
-    policy = roles_and_state.get("policy")
-    if not isinstance(policy, torch.nn.Module):
-        raise ConfigError(f"bind(): policy= must be the policy torch.nn.Module, got {type(policy).__name__}.")
-    models = {"policy": _model_for_role(policy)}
-    critic = roles_and_state.get("critic")
-    if critic is not None:
-        if not isinstance(critic, torch.nn.Module):
-            raise ConfigError(f"bind(): critic= must be a torch.nn.Module or None, got {type(critic).__name__}.")
-        models["critic"] = _model_for_role(critic)
+    given = {k: roles_and_state[k] for k in _MODEL_KEYS if roles_and_state.get(k) is not None}
+    for key, obj in given.items():
+        if key not in REF_ATTRS and not isinstance(obj, torch.nn.Module):
+            role = "critic" if key in ROLE_ALIASES["critic"] else "policy"
+            raise ConfigError(f"bind(): {key}= must be the {role} torch.nn.Module, got {type(obj).__name__}.")
+    policy_keys = [k for k in (*ROLE_ALIASES["policy"], SOLE_POLICY_ATTR) if k in given]
+    if len(policy_keys) > 1:  # choose_roles would take model= as a module of no role
+        raise ConfigError(
+            f"bind(): {policy_keys[0]}= and {policy_keys[1]}= both name the policy; pass only one of them.")
+    choice = choose_roles(
+        {k: _model_for_role(v) if isinstance(v, torch.nn.Module) else v for k, v in given.items()},
+        label=lambda a: f"{a}=", fix=lambda role, keys: f"pass only one of {keys[0]}= and {keys[1]}= to bind()",
+        sole_model=False, owner="bind()",
+    )
+    if "policy" not in choice.attrs:
+        raise ConfigError(
+            f"bind(): policy= must be the policy torch.nn.Module (or actor=, model=...); got "
+            f"{', '.join(f'{k}=' for k in given) or 'no model'}.")
+    models = {role: _model_for_role(given[key]) for role, key in choice.attrs.items()}
     exit_on_preemption = roles_and_state.get("exit_on_preemption", True)
     if not isinstance(exit_on_preemption, bool):
         raise ConfigError(
@@ -505,6 +541,8 @@ def bind(callback: Any, accelerator: Any = None, **roles_and_state: Any) -> Loop
         _data_state(roles_and_state.get("dataloader")),
         extra_state,
         exit_on_preemption,
+        sources={role: f"{key}=" for role, key in choice.attrs.items()},
+        not_saved={f"{key}=": why for key, why in choice.not_saved.items()},
     )
     loop = LoopState(callback)
     loop.data = binding.data
@@ -516,6 +554,7 @@ def bind(callback: Any, accelerator: Any = None, **roles_and_state: Any) -> Loop
     callback.resumed_step = None
 
     _restore_signal_handlers(getattr(callback, "_binding_previous", None))  # a second bind() on this callback
+    _announce_roles(binding)
     callback.manager.acquire_lock()  # fail before training if another live run owns ckpt_path
     if callback.config.preemption_signals:
         _install_signal_handlers(binding, callback.config.preemption_signals)
@@ -526,7 +565,7 @@ def bind(callback: Any, accelerator: Any = None, **roles_and_state: Any) -> Loop
         _restore_signal_handlers(binding)
         raise
     if state is not None:
-        binding.apply_trainer_state(state.trainer_state)
+        binding.apply_trainer_state(state.trainer_state, state.path)
         if binding.data is not None:
             if binding.data.resumable and state.data_state:
                 binding.data.load_state_dict(state.data_state)
@@ -540,6 +579,16 @@ def bind(callback: Any, accelerator: Any = None, **roles_and_state: Any) -> Loop
             restore_rng(state.rng)  # last: nothing after it may draw
         _say(binding, f"[skyrl-ckpt] resumed from {state.path}; continuing at step {int(callback.step) + 1}")
     return loop
+
+
+def _announce_roles(binding: _Binding) -> None:
+    """Main process: the mapping line, and a warning for each optimizer outside the rules."""
+    if not binding.is_main:
+        return
+    _say(binding, describe_roles(binding.roles, binding.sources, binding.not_saved, binding.optimizers,
+                                 binding.schedulers, binding.assignment))
+    for line in binding.assignment.warnings:
+        warnings.warn(f"[skyrl-ckpt] {line}", UserWarning, stacklevel=4)
 
 
 def _install_signal_handlers(binding: _Binding, names: Sequence[str]) -> None:
