@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import torch
 
+from skyrl_callbacks import selfcheck
 from skyrl_callbacks.errors import CorruptCheckpointError, IncompatibleCheckpointError
 from skyrl_callbacks.writers.base import MODEL_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, RoleWriter
 
@@ -102,7 +103,8 @@ def _dense_cpu(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and t.layout == torch.strided
 
 
-def _parallel_torch_save(storage: "Storage", path: str, obj: Any, threads: int = _WRITE_THREADS) -> bool:
+def _parallel_torch_save(storage: "Storage", path: str, obj: Any, threads: int = _WRITE_THREADS, *,
+                         min_bytes: Optional[int] = None) -> bool:
     """Write ``torch.save(obj)`` to the local ``path`` with the tensor bytes written by several
     threads; False (nothing written) where it does not apply.
 
@@ -120,12 +122,13 @@ def _parallel_torch_save(storage: "Storage", path: str, obj: Any, threads: int =
     tensors: list[torch.Tensor] = []
     if not _simple_tensors(obj, _dense_cpu, tensors):
         return False
-    try:
-        min_bytes = int(os.environ.get("SKYRL_PARALLEL_WRITE_MIN_BYTES", _PARALLEL_MIN_BYTES))
-    except ValueError:
-        min_bytes = _PARALLEL_MIN_BYTES
+    if min_bytes is None:
+        try:
+            min_bytes = int(os.environ.get("SKYRL_PARALLEL_WRITE_MIN_BYTES", _PARALLEL_MIN_BYTES))
+        except ValueError:
+            min_bytes = _PARALLEL_MIN_BYTES
     unique = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in tensors}
-    if not unique or sum(unique.values()) < min_bytes:
+    if not unique or sum(unique.values()) < min_bytes or not selfcheck.trusted("plain-writer"):
         return False
     try:
         storage.makedirs(os.path.dirname(path) or ".")
@@ -478,7 +481,7 @@ def open_skeleton(storage: "Storage", path: str, *, weights_only: bool = False) 
     """The :class:`_Skeleton` of a local ``torch.save`` file, or None where the direct read does
     not apply (object stores, torch without storage offsets, trees with other objects): the
     caller then uses :func:`torch_load`. Errors name the file (:class:`CorruptCheckpointError`)."""
-    if not storage.is_local or not hasattr(os, "preadv"):
+    if not storage.is_local or not hasattr(os, "preadv") or not selfcheck.trusted("plain-reader"):
         yield None
         return
     try:
