@@ -27,3 +27,12 @@ def tiny_tokenizer():
     trainer = trainers.WordLevelTrainer(vocab_size=128, special_tokens=["[UNK]", "[PAD]", "[BOS]", "[EOS]"])
     tok.train_from_iterator([" ".join(words)] * 4, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]")
+
+
+def dtype_kw(dtype) -> dict:
+    """``from_pretrained``'s dtype argument: ``dtype`` since transformers 4.56, ``torch_dtype`` before
+    (the compatibility job runs the oldest declared transformers)."""
+    import transformers
+    from packaging.version import Version
+
+    return {"dtype": dtype} if Version(transformers.__version__) >= Version("4.56") else {"torch_dtype": dtype}

@@ -24,6 +24,7 @@ from skyrl_callbacks import CheckpointConfig, CheckpointManager  # noqa: E402
 from skyrl_callbacks.cli import main  # noqa: E402
 from skyrl_callbacks.roles import Role  # noqa: E402
 from skyrl_callbacks.storage import MANIFEST_FILE  # noqa: E402
+from tests.hf_utils import dtype_kw  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -392,7 +393,7 @@ def test_export_hf_plain_same_logits(plain, tmp_path, capsys):
     with open(os.path.join(out16, "model.safetensors.index.json")) as fh:
         index = json.load(fh)
     assert set(index["weight_map"]) == set(plain["model"].state_dict())
-    model = load_hf(out16, dtype=torch.bfloat16)
+    model = load_hf(out16, **dtype_kw(torch.bfloat16))
     for name, t in model.state_dict().items():
         assert t.dtype == torch.bfloat16 and torch.equal(t, plain["model"].state_dict()[name].to(torch.bfloat16)), name
     assert not [n for n in os.listdir(tmp_path) if n.startswith((".tmp-", ".trash-"))]

@@ -9,7 +9,7 @@ import torch
 
 from skyrl_callbacks import CheckpointConfig, CheckpointManager
 from skyrl_callbacks.roles import Role
-from tests.hf_utils import tiny_llama, tiny_tokenizer
+from tests.hf_utils import dtype_kw, tiny_llama, tiny_tokenizer
 
 
 def logits(model, ids):
@@ -45,7 +45,7 @@ def test_sharded_export_and_dtype(tmp_path):
     index = json.loads((tmp_path / "e" / "global_step_3" / "policy" / "model.safetensors.index.json").read_text())
     shards = set(index["weight_map"].values())
     assert len(shards) > 2 and all(s.startswith("model-") and "-of-" in s for s in shards)
-    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+    loaded = AutoModelForCausalLM.from_pretrained(out, **dtype_kw(torch.bfloat16))
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v.to(torch.bfloat16)), k
 

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import torch
 
+from skyrl_callbacks import selfcheck
 from skyrl_callbacks.errors import (
     CheckpointError,
     ConfigError,
@@ -736,10 +737,10 @@ def _dcp_writer(storage: "Storage", path: str, thread_count: int = 1):
         from torch.distributed.checkpoint import FileSystemWriter
 
         os.makedirs(path, exist_ok=True)
-        if hasattr(torch.serialization, "skip_data") and hasattr(os, "pwrite"):
+        if hasattr(torch.serialization, "skip_data") and hasattr(os, "pwrite") and selfcheck.trusted("dcp-writer"):
             writer = _parallel_file_writer(storage, path, thread_count)
             thread_count = 1  # one file per rank, written by our threads (nothing of DCP's to guard)
-        else:  # pragma: no cover - torch < 2.6 or no pwrite: DCP's writer, one file per thread
+        else:  # torch < 2.6, no pwrite, or our writer failed its self-check: DCP's writer, one file per thread
             writer = FileSystemWriter(path, single_file_per_rank=True, sync_files=True, thread_count=thread_count)
         from torch.distributed.checkpoint.filesystem import FileSystem
 
@@ -757,9 +758,9 @@ def _dcp_writer(storage: "Storage", path: str, thread_count: int = 1):
 
 def _dcp_reader(storage: "Storage", path: str, threads: int = DEFAULT_DCP_THREAD_COUNT):
     if storage.is_local:
-        if hasattr(os, "preadv"):
+        if hasattr(os, "preadv") and selfcheck.trusted("dcp-reader"):
             return _parallel_file_reader(path, threads)
-        from torch.distributed.checkpoint import FileSystemReader  # pragma: no cover - no preadv (e.g. Windows)
+        from torch.distributed.checkpoint import FileSystemReader  # no preadv (e.g. Windows), or a failed self-check
 
         return FileSystemReader(path)
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import torch
 
+from skyrl_callbacks import selfcheck
 from skyrl_callbacks.errors import CorruptCheckpointError, IncompatibleCheckpointError
 from skyrl_callbacks.verify import current as current_verification
 from skyrl_callbacks.verify import hash_downloaded
@@ -104,7 +105,8 @@ def _dense_cpu(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and t.layout == torch.strided
 
 
-def _parallel_torch_save(storage: "Storage", path: str, obj: Any, threads: int = _WRITE_THREADS) -> bool:
+def _parallel_torch_save(storage: "Storage", path: str, obj: Any, threads: int = _WRITE_THREADS, *,
+                         min_bytes: Optional[int] = None) -> bool:
     """Write ``torch.save(obj)`` to the local ``path`` with the tensor bytes written by several
     threads; False (nothing written) where it does not apply.
 
@@ -122,12 +124,13 @@ def _parallel_torch_save(storage: "Storage", path: str, obj: Any, threads: int =
     tensors: list[torch.Tensor] = []
     if not _simple_tensors(obj, _dense_cpu, tensors):
         return False
-    try:
-        min_bytes = int(os.environ.get("SKYRL_PARALLEL_WRITE_MIN_BYTES", _PARALLEL_MIN_BYTES))
-    except ValueError:
-        min_bytes = _PARALLEL_MIN_BYTES
+    if min_bytes is None:
+        try:
+            min_bytes = int(os.environ.get("SKYRL_PARALLEL_WRITE_MIN_BYTES", _PARALLEL_MIN_BYTES))
+        except ValueError:
+            min_bytes = _PARALLEL_MIN_BYTES
     unique = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in tensors}
-    if not unique or sum(unique.values()) < min_bytes:
+    if not unique or sum(unique.values()) < min_bytes or not selfcheck.trusted("plain-writer"):
         return False
     try:
         storage.makedirs(os.path.dirname(path) or ".")
@@ -509,7 +512,7 @@ def open_skeleton(storage: "Storage", path: str, *, weights_only: bool = True) -
     weights-only load refuses): the caller then uses :func:`torch_load`, which decides. Errors
     name the file (:class:`CorruptCheckpointError`). Always ``weights_only=True`` (the argument
     is ignored)."""
-    if not storage.is_local or not hasattr(os, "preadv"):
+    if not storage.is_local or not hasattr(os, "preadv") or not selfcheck.trusted("plain-reader"):
         yield None
         return
     try:
