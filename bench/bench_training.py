@@ -307,7 +307,7 @@ def run_mode(mode: str, module, args, every: int, workdir: str, cuda: bool) -> d
     skyrl = mcb = None
     dcp_cb = None
     if mode.startswith("ours"):
-        cfg = dict(ckpt_path=ckpt_dir, export_path=os.path.join(ckpt_dir, "exports"), ckpt_interval=every,
+        cfg = dict(ckpt_path=ckpt_dir, export_path=ckpt_dir.rstrip("/") + "_exports", ckpt_interval=every,
                    async_save=mode != "ours sync", async_overlap_copy=mode == "ours async overlap",
                    save_on_train_end=False, preemption_signals=[], run_lock=False)
         skyrl = SkyRLCheckpoint(cfg)

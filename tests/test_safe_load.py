@@ -25,6 +25,22 @@ from skyrl_callbacks.manifest import hash_file
 from skyrl_callbacks.storage import MANIFEST_FILE, Storage
 from tests.test_manager import cfg, make_roles, train
 
+
+@pytest.fixture(autouse=True)
+def _no_process_wide_safe_globals():
+    """Other libraries widen weights-only loads process-wide: importing megatron-core registers
+    numpy arrays, paths and its config classes with ``torch.serialization.add_safe_globals`` (data
+    classes, no code). These tests check our own refusals, so they run without any such globals,
+    whatever an earlier test imported."""
+    saved = torch.serialization.get_safe_globals()
+    torch.serialization.clear_safe_globals()
+    try:
+        yield
+    finally:
+        torch.serialization.clear_safe_globals()
+        if saved:
+            torch.serialization.add_safe_globals(saved)
+
 GLOBAL = f"GLOBAL {os.system.__module__}.system"  # posix.system
 
 
