@@ -206,6 +206,7 @@ _MIXED_WORKER = textwrap.dedent("""
     _dcp_save(state, Storage(path), path, DistContext(), thread_count=2)
     torch.save(state, os.path.join(path, f"want{rank}.pt"))
     print(rank, selfcheck.trusted("dcp-writer"), flush=True)
+    dist.barrier()  # both ranks tear gloo down together (one aborted at exit once when the other was gone)
     dist.destroy_process_group()
 """)
 
