@@ -86,8 +86,8 @@ def main() -> int:
         print(f"trial {trial:3d}: last 'saved' {last_saved}, leftovers {len(leftovers)}, {outcome}", flush=True)
     elapsed = time.time() - t0
     print()
-    print(f"| trials | kills inside a save | of them before the commit (staging left) | failures | time |")
-    print(f"| ---: | ---: | ---: | ---: | ---: |")
+    print("| trials | kills inside a save | of them before the commit (staging left) | failures | time |")
+    print("| ---: | ---: | ---: | ---: | ---: |")
     print(f"| {args.trials} | {inside} | {staged_left} | {len(failures)} | {elapsed:.0f} s |")
     for trial, msg in failures:
         print(f"failure in trial {trial}: {msg}")

@@ -134,7 +134,6 @@ def status_kib(field: str) -> int:
 
 
 def main() -> int:
-    import torch
     import torch.distributed as dist
 
     ap = argparse.ArgumentParser()

@@ -858,7 +858,6 @@ def _load_pt_lazy(st: Storage, path: str, *, weights_only: bool = True, need_dat
     ``meta`` device (only the pickle is read: shapes and dtypes, no tensor bytes) when
     ``need_data`` is false, else downloaded into ``tmp_dir`` and memory-mapped.
     """
-    import torch
 
     from skyrl_callbacks.safe_load import safe_torch_load
 
@@ -1310,7 +1309,7 @@ def _print_inspect(doc: dict, max_tensors: int) -> None:
             if m.get("converted_from"):
                 print(f"             converted from {m['converted_from']}")
     elif doc["kind"] == "step":
-        print(f"  manifest   none (written by SkyRL itself, or not committed)")
+        print("  manifest   none (written by SkyRL itself, or not committed)")
     ts = doc.get("trainer_state")
     if ts:
         if "error" in ts:
@@ -1322,9 +1321,9 @@ def _print_inspect(doc: dict, max_tensors: int) -> None:
                   + (f", {ts['rng_states']} RNG state(s)" if ts.get("rng_states") is not None else ""))
             cfg = ts.get("config")
             if isinstance(cfg, dict):
-                print(f"             config: " + " ".join(f"{k}={_short_repr(v, 60)}" for k, v in cfg.items()))
+                print("             config: " + " ".join(f"{k}={_short_repr(v, 60)}" for k, v in cfg.items()))
             if ts.get("other_keys"):
-                print(f"             other keys: " + ", ".join(f"{k} ({t})" for k, t in ts["other_keys"].items()))
+                print("             other keys: " + ", ".join(f"{k} ({t})" for k, t in ts["other_keys"].items()))
     data = doc.get("data")
     if data:
         if "error" in data:

@@ -669,7 +669,7 @@ def _fsdp_rank(rank: int, work: str, port: int, spec_json: str) -> None:
         got = local_state(model2, role2)
         out["equal"] = len(got) == len(ref) and all(torch.equal(a, b) for a, b in zip(got, ref))
         out["stage_left"] = [n for n in os.listdir(cfg["cloud_staging_dir"]) if n.startswith("skyrl-stage-")]
-    except BaseException as exc:  # noqa: BLE001 - reported to the test
+    except BaseException:  # noqa: BLE001 - reported to the test
         import traceback
 
         out["error"] = traceback.format_exc()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import pytest
 import torch
 
 from skyrl_callbacks import CheckpointConfig, CheckpointLockError, CheckpointManager
-from skyrl_callbacks.lock import LOCK_FILE, RunLock
+from skyrl_callbacks.lock import LOCK_FILE
 from skyrl_callbacks.roles import discover_roles
 from skyrl_callbacks.storage import Storage
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from skyrl_callbacks import CheckpointConfig, CheckpointManager, CheckpointNotFoundError, IncompatibleCheckpointError
-from skyrl_callbacks.roles import Role, assign_optimizers, discover_roles
+from skyrl_callbacks.roles import assign_optimizers, discover_roles
 from skyrl_callbacks.storage import MANIFEST_FILE
 
 

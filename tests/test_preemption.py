@@ -38,7 +38,7 @@ def test_signal_saves_and_exits_cleanly(tmp_path, sig, devices):
     os.killpg(proc.pid, getattr(signal, sig))  # every rank gets it, as a scheduler does
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out[-3000:]
-    assert f"preempted" in out, out[-3000:]
+    assert "preempted" in out, out[-3000:]
     ckpts = tmp_path / "c"
     step = int((ckpts / "latest_ckpt_global_step.txt").read_text())
     assert (ckpts / f"global_step_{step}" / "skyrl_manifest.json").is_file()

@@ -19,7 +19,6 @@ import pytest
 import torch
 
 from skyrl_callbacks import selfcheck
-from skyrl_callbacks.roles import Role
 from skyrl_callbacks.storage import Storage
 from skyrl_callbacks.writers import fsdp as fsdp_mod
 from skyrl_callbacks.writers.plain import PlainWriter, _no_zip_crc, torch_save

@@ -67,7 +67,6 @@ import warnings
 import weakref
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
-from skyrl_callbacks.config import CheckpointConfig
 from skyrl_callbacks.dist import DistContext
 from skyrl_callbacks.errors import ConfigError
 from skyrl_callbacks.manager import CheckpointManager, SaveResult

@@ -22,7 +22,6 @@ megatron-core is imported lazily; :func:`is_megatron_model` never imports it.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import random
@@ -36,7 +35,6 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 import torch
 
 from skyrl_callbacks.errors import (
-    CheckpointError,
     ConfigError,
     CorruptCheckpointError,
     IncompatibleCheckpointError,

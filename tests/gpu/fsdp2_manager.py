@@ -106,7 +106,6 @@ def _check_hf_dir(name: str, export_dir: str, ref_model: dict, fsdp_logits: torc
 
 # --------------------------------------------------------------------------- phases
 def phase_save2(work: str, dev) -> None:
-    from skyrl_callbacks.dist import DistContext
 
     r = C.rank()
     role = C.make_role(C.build_llama(0, dev))

@@ -40,7 +40,6 @@ import json
 import os
 import sys
 import time
-import traceback
 import warnings
 from datetime import timedelta
 
