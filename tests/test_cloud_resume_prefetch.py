@@ -110,17 +110,23 @@ def test_s3_corrupt_object_is_caught_while_downloading_and_falls_back(saved, fau
         m2, roles2, state = _resume(cfg)
     assert state.step == 1
     assert_same(first, snapshot(m2, roles2))
-    assert "policy/model_state.pt: checksum mismatch" in caplog.text
+    # caught as it was downloaded, before anything was loaded from it
+    assert "policy/model_state.pt: checksum mismatch (xxh3_64) while loading (downloaded)" in caplog.text
     gets = _object_gets(fault_proxy, cloud.bucket)
-    assert _fetched_once(gets["run/global_step_2/policy/model_state.pt"], len(data))  # no second download
+    corrupt = gets["run/global_step_2/policy/model_state.pt"]
+    assert len(corrupt) > 1 and _fetched_once(corrupt, len(data))  # ranged GETs, no second download
     assert _staged_leftovers(tmp_path) == []
 
 
-def test_s3_failed_load_removes_the_staging_dir_and_names_the_object(saved, tmp_path):
-    _cloud, cfg, _first, _second = saved
+def test_s3_failed_load_removes_the_staging_dir_and_names_the_object(saved, fault_proxy, tmp_path):
+    cloud, cfg, _first, _second = saved
     m2, roles2 = make(seed=5, width=WIDTH // 2)
+    mgr = CheckpointManager(cfg)
+    mgr.storage.chunk_size = CHUNK
     with pytest.raises(IncompatibleCheckpointError) as info:
-        CheckpointManager(cfg).resume(roles2)
+        mgr.resume(roles2)
     assert "s3://" in str(info.value) and "policy/model_state.pt" in str(info.value)
-    assert ".skyrl-resume-" not in str(info.value)
-    assert _staged_leftovers(tmp_path) == []
+    assert ".skyrl-resume-" not in str(info.value)  # the object named, not its local copy
+    gets = _object_gets(fault_proxy, cloud.bucket)
+    assert len(gets["run/global_step_2/policy/model_state.pt"]) > 1  # it was staged (ranged GETs) ...
+    assert _staged_leftovers(tmp_path) == []  # ... and the copies are gone
