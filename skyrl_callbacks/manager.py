@@ -1211,7 +1211,7 @@ class CheckpointManager:
         (hashed on the way with verify_on_resume), or None (local store, no manifest). Collective."""
         if store.is_local or manifest is None or not isinstance(manifest.get("files"), dict):
             return None
-        from skyrl_callbacks.prefetch import stage
+        from skyrl_callbacks.prefetch import LocalCopyError, ShortObject, stage
 
         rels, local_roles = self._rank_files(roles, manifest)
         if not rels:
@@ -1224,12 +1224,17 @@ class CheckpointManager:
         def fetch() -> None:
             try:
                 out.append(stage(store, step_dir, rels, sizes, staging_dir=self.config.cloud_staging_dir, algo=algo))
-            except FileNotFoundError as exc:
-                raise CorruptCheckpointError(f"{step_dir}: a file is missing ({exc}).") from exc
-            except OSError as exc:
-                if isinstance(exc, StorageError):
-                    raise
+            except ShortObject as exc:
                 raise CorruptCheckpointError(f"{step_dir}: cannot be read ({exc}).") from exc
+            except LocalCopyError as exc:
+                # the local disk, not the checkpoint: no fallback to an older checkpoint
+                raise StorageError(
+                    f"resume from {step_dir}: cannot write the local copies of this rank's files ({exc}). Point "
+                    f"cloud_staging_dir (now {self.config.cloud_staging_dir!r}, null: the temp dir) at a local disk "
+                    f"with room for {sum(sizes.values())} bytes."
+                ) from exc
+            except FileNotFoundError as exc:  # the object (deleted since the size check)
+                raise CorruptCheckpointError(f"{step_dir}: a file is missing ({exc}).") from exc
 
         try:
             self.dist.run("download checkpoint files", fetch)

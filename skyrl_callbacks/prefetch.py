@@ -29,7 +29,15 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 if TYPE_CHECKING:
     from skyrl_callbacks.storage import Storage
 
-__all__ = ["Staged", "fetch_files", "stage"]
+__all__ = ["Staged", "ShortObject", "LocalCopyError", "fetch_files", "stage"]
+
+
+class LocalCopyError(OSError):
+    """The local copy of an object cannot be written (a full disk, no permission)."""
+
+
+class ShortObject(OSError):
+    """An object has fewer bytes than its recorded size (a torn or replaced object)."""
 
 #: bytes of early chunks one file's hash keeps in memory; beyond, they are read back from the local copy
 _BACKLOG_MAX = 256 << 20
@@ -84,7 +92,8 @@ def fetch_files(
 
     Raises:
         FileNotFoundError: an object does not exist.
-        OSError: an object is shorter than its size (``errno`` EIO).
+        ShortObject: an object is shorter than its size.
+        OSError: the local copy cannot be written (e.g. the disk is full).
         StorageError: a request kept failing until its deadline.
     """
     from skyrl_callbacks.cloud import _run_all, retrying
@@ -96,10 +105,13 @@ def fetch_files(
     tasks = []
     try:
         for rpath, lpath, size in files:
-            os.makedirs(os.path.dirname(lpath), exist_ok=True)
-            fd = os.open(lpath, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-            fds[rpath] = fd
-            os.ftruncate(fd, size)
+            try:
+                os.makedirs(os.path.dirname(lpath), exist_ok=True)
+                fd = os.open(lpath, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+                fds[rpath] = fd
+                os.ftruncate(fd, size)
+            except OSError as exc:
+                raise LocalCopyError(f"{lpath}: {exc}") from exc
             hashes[rpath] = _InOrderHash(fd, algo) if algo else None
             for off in range(0, size, chunk_size) if size > chunk_size else [0] if size else []:
                 n = min(chunk_size, size - off)
@@ -115,8 +127,6 @@ def fetch_files(
 
 def _chunk(fs: Any, rpath: str, offset: int, n: int, whole: bool, fd: int, hasher: Optional[_InOrderHash],
            retry: Callable[..., Any], deadline_s: float) -> None:
-    import errno
-
     def get() -> bytes:
         if whole:
             return fs.cat_file(rpath)
@@ -124,12 +134,15 @@ def _chunk(fs: Any, rpath: str, offset: int, n: int, whole: bool, fd: int, hashe
 
     data = retry(get, what=f"download {rpath} bytes {offset}-{offset + n}", deadline_s=deadline_s)
     if len(data) != n:
-        raise OSError(errno.EIO, f"{rpath}: {len(data)} bytes at offset {offset}, expected {n} (the object "
+        raise ShortObject(f"{rpath}: {len(data)} bytes at offset {offset}, expected {n} (the object "
                       f"does not have the size the manifest records)")
     mv = memoryview(data)
     done = 0
-    while done < n:
-        done += os.pwrite(fd, mv[done:], offset + done)
+    try:
+        while done < n:
+            done += os.pwrite(fd, mv[done:], offset + done)
+    except OSError as exc:
+        raise LocalCopyError(f"local copy of {rpath}: {exc}") from exc
     if hasher is not None:
         hasher.done(offset, data)
 
@@ -167,9 +180,11 @@ def stage(store: "Storage", step_dir: str, rels: list[str], sizes: dict[str, int
     from skyrl_callbacks.errors import StorageError
 
     base = staging_dir or store.local_tmp_dir or tempfile.gettempdir()
-    os.makedirs(base, exist_ok=True)
     root = os.path.join(base, f".skyrl-resume-{uuid.uuid4().hex[:12]}")
-    os.makedirs(root)
+    try:
+        os.makedirs(root)
+    except OSError as exc:
+        raise LocalCopyError(f"{root}: {exc}") from exc
     try:
         items = [(store.join(step_dir, rel), os.path.join(root, *rel.split("/")), int(sizes[rel])) for rel in rels]
         try:

@@ -130,3 +130,17 @@ def test_s3_failed_load_removes_the_staging_dir_and_names_the_object(saved, faul
     gets = _object_gets(fault_proxy, cloud.bucket)
     assert len(gets["run/global_step_2/policy/model_state.pt"]) > 1  # it was staged (ranged GETs) ...
     assert _staged_leftovers(tmp_path) == []  # ... and the copies are gone
+
+
+def test_s3_unwritable_staging_dir_is_a_storage_error_not_a_fallback(saved, tmp_path):
+    """The local copies cannot be written (here: cloud_staging_dir below a file; a full disk alike): the
+    checkpoint is fine, so no fallback to an older one; the error names the setting and the fix."""
+    from skyrl_callbacks.errors import CorruptCheckpointError, StorageError
+
+    _cloud, cfg, _first, _second = saved
+    (tmp_path / "a_file").write_text("x")
+    m2, roles2 = make(seed=5, width=WIDTH)
+    with pytest.raises(StorageError) as info:
+        CheckpointManager({**cfg, "cloud_staging_dir": str(tmp_path / "a_file" / "stage")}).resume(roles2)
+    assert not isinstance(info.value, CorruptCheckpointError)
+    assert "global_step_2" in str(info.value) and "cloud_staging_dir" in str(info.value)
