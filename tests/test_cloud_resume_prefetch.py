@@ -144,3 +144,28 @@ def test_s3_unwritable_staging_dir_is_a_storage_error_not_a_fallback(saved, tmp_
         CheckpointManager({**cfg, "cloud_staging_dir": str(tmp_path / "a_file" / "stage")}).resume(roles2)
     assert not isinstance(info.value, CorruptCheckpointError)
     assert "global_step_2" in str(info.value) and "cloud_staging_dir" in str(info.value)
+
+
+@pytest.mark.parametrize("backlog", [0, 256 << 20])
+def test_fetch_files_hashes_out_of_order_chunks_in_file_order(s3_server, tmp_path, monkeypatch, backlog):
+    """Chunks that arrive early are kept in memory, or (backlog full) read back from the local copy:
+    the digest is the whole object's either way, and the copy is byte-identical."""
+    import os
+
+    from skyrl_callbacks import prefetch
+    from skyrl_callbacks.manifest import _hasher
+
+    monkeypatch.setattr(prefetch, "_BACKLOG_MAX", backlog)
+    bucket = s3_server.make_bucket("chunks")
+    fs = Cloud("s3", "s3", s3_server, bucket).fs()
+    data = os.urandom((1 << 20) + 12345)
+    fs.pipe_file(f"{bucket}/obj", data)
+    fs.pipe_file(f"{bucket}/empty", b"")
+    local, empty = str(tmp_path / "x" / "obj"), str(tmp_path / "x" / "empty")
+    digests = prefetch.fetch_files(fs, [(f"{bucket}/obj", local, len(data)), (f"{bucket}/empty", empty, 0)],
+                                   max_concurrency=8, chunk_size=32 << 10, deadline_s=30, algo="xxh3_64")
+    want = _hasher("xxh3_64")
+    want.update(data)
+    assert digests[f"{bucket}/obj"] == want.hexdigest()
+    assert digests[f"{bucket}/empty"] == _hasher("xxh3_64").hexdigest()
+    assert open(local, "rb").read() == data and os.path.getsize(empty) == 0
