@@ -162,6 +162,8 @@ class CheckpointManager:
         self._outside_parent: Optional[int] = None
         #: ``{step dir: (manifest read, parent_step)}`` of committed checkpoints (manifests never change)
         self._parents: dict[str, tuple[bool, Optional[int]]] = {}
+        #: during :meth:`resume`: manifests read to find the lineage, used once by ``load`` (not fetched again)
+        self._manifests: Optional[dict[str, dict]] = None
         self._pending: Optional[_SaveJob] = None
         self._stagers: dict[str, Any] = {}
         self._pool: Any = None
@@ -947,6 +949,8 @@ class CheckpointManager:
                 manifest = read_manifest(self.storage, path)
             except (ValueError, OSError):
                 manifest = None
+            if isinstance(manifest, dict) and self._manifests is not None:
+                self._manifests[path] = manifest
             if isinstance(manifest, dict) and "parent_step" in manifest:
                 parent = manifest.get("parent_step")
                 known = parent is None or (isinstance(parent, int) and not isinstance(parent, bool))
@@ -1002,21 +1006,25 @@ class CheckpointManager:
 
     def _check_sizes(self, store: Storage, step_dir: str) -> tuple[list[str], Optional[dict]]:
         """Rank 0: ``(problems, manifest)`` of ``step_dir``, sizes only (a SkyRL-native checkpoint
-        without a manifest: no problems, no manifest)."""
+        without a manifest: no problems, no manifest). The manifest is fetched once per load."""
         try:
-            manifest = read_manifest(store, step_dir)
+            cached = (self._manifests or {}).pop(step_dir, None) if store is self.storage else None
+            manifest = cached if cached is not None else read_manifest(store, step_dir)
         except (ValueError, OSError) as exc:
             return [f"manifest unreadable ({exc})"], None
         if manifest is None and store.supports_rename:
             return [], None
-        problems = verify_dir(store, step_dir, checksums=False)
+        problems = verify_dir(store, step_dir, checksums=False, manifest=manifest)
         if manifest is not None and not isinstance(manifest.get("files"), dict):
             manifest = None
         return problems, manifest
 
-    def _start_verification(self, store: Storage, step_dir: str, manifest: Optional[dict]) -> Optional[LoadVerification]:
+    def _start_verification(self, store: Storage, step_dir: str, manifest: Optional[dict],
+                            staged: Optional[Any] = None) -> Optional[LoadVerification]:
         """verify_on_resume: the checksums to check while loading, and the files no reader of ours
         hashes as it reads (small files, Megatron's) hashed now, spread over the ranks. Collective.
+        ``staged``: files prefetched from an object store, hashed as they were downloaded (every
+        rank's, gathered): their checksums count, a mismatch raises before anything is loaded.
 
         Raises:
             CorruptCheckpointError: on every rank, when one of those files does not match.
@@ -1025,8 +1033,17 @@ class CheckpointManager:
             return None
         files = manifest["files"]
         verification = LoadVerification(store, step_dir, files, manifest.get("checksum_algo", "crc32"))
+        if staged is not None:
+            problems: dict[str, str] = {}
+            for digests in self.dist.all_gather(staged.digests):
+                for rel, digest in digests.items():
+                    verification.record(store.join(step_dir, rel), digest)
+            problems.update(verification.problems)
+            if problems:
+                listed = [f"{problems[k]} (downloaded)" for k in sorted(problems)]
+                raise CorruptCheckpointError(f"{step_dir}: failed verification: {'; '.join(listed[:5])}")
         strategies = manifest.get("strategies") or {}
-        before = [rel for rel in verification.tracked if not streamable(rel, strategies)]
+        before = [rel for rel in verification.tracked if not streamable(rel, strategies) and rel not in verification.verified]
         self._hash_shared(verification, before, step_dir)
         return verification
 
@@ -1161,7 +1178,78 @@ class CheckpointManager:
         problems, manifest = dist.broadcast(dist.run_on_main("verify", lambda: self._check_sizes(store, step_dir)))
         if problems:
             raise CorruptCheckpointError(f"{step_dir}: failed verification: {'; '.join(problems[:5])}")
-        verification = self._start_verification(store, step_dir, manifest)
+        staged = self._prefetch(roles, store, step_dir, manifest)
+        try:
+            return self._load_checked(roles, step_dir, store, manifest, staged)
+        finally:
+            if staged is not None:
+                staged.remove()
+
+    def _rank_files(self, roles: Sequence["Role"], manifest: dict) -> tuple[list[str], list[str]]:
+        """``(files, roles)``: what this rank reads from the checkpoint and can download first
+        (``trainer_state.pt``, ``data.pt``, the plain writer's files of its roles), and the roles
+        loaded from those copies. Other writers' files (FSDP's DCP shards, Megatron, HF) are read
+        by their readers from the store."""
+        from skyrl_callbacks.writers.base import MODEL_FILE, OPTIMIZER_FILE, SCHEDULER_FILE
+
+        files = manifest.get("files") or {}
+        strategies = manifest.get("strategies") or {}
+        rels = [rel for rel in (TRAINER_STATE_FILE, DATA_FILE) if rel in files]
+        local_roles = []
+        for role in roles:
+            if strategies.get(role.name) != "plain" or self.writer_for(role).kind != "plain":
+                continue
+            need = [MODEL_FILE] + ([OPTIMIZER_FILE] if role.optimizers else []) + ([SCHEDULER_FILE] if role.schedulers else [])
+            need = [f"{role.name}/{name}" for name in need]
+            if all(rel in files for rel in need):  # else the remote load names what is missing
+                rels += need
+                local_roles.append(role.name)
+        return rels, local_roles
+
+    def _prefetch(self, roles: Sequence["Role"], store: Storage, step_dir: str, manifest: Optional[dict]) -> Optional[Any]:
+        """Object stores: this rank's files downloaded concurrently into a local staging directory
+        (hashed on the way with verify_on_resume), or None (local store, no manifest). Collective."""
+        if store.is_local or manifest is None or not isinstance(manifest.get("files"), dict):
+            return None
+        from skyrl_callbacks.prefetch import LocalCopyError, ShortObject, stage
+
+        rels, local_roles = self._rank_files(roles, manifest)
+        if not rels:
+            return None
+        files = manifest["files"]
+        sizes = {rel: int((files[rel] or {}).get("size") or 0) if isinstance(files[rel], dict) else 0 for rel in rels}
+        algo = manifest.get("checksum_algo", "crc32") if self.config.verify_on_resume else None
+        out: list = []
+
+        def fetch() -> None:
+            try:
+                out.append(stage(store, step_dir, rels, sizes, staging_dir=self.config.cloud_staging_dir, algo=algo))
+            except ShortObject as exc:
+                raise CorruptCheckpointError(f"{step_dir}: cannot be read ({exc}).") from exc
+            except LocalCopyError as exc:
+                # the local disk, not the checkpoint: no fallback to an older checkpoint
+                raise StorageError(
+                    f"resume from {step_dir}: cannot write the local copies of this rank's files ({exc}). Point "
+                    f"cloud_staging_dir (now {self.config.cloud_staging_dir!r}, null: the temp dir) at a local disk "
+                    f"with room for {sum(sizes.values())} bytes."
+                ) from exc
+            except FileNotFoundError as exc:  # the object (deleted since the size check)
+                raise CorruptCheckpointError(f"{step_dir}: a file is missing ({exc}).") from exc
+
+        try:
+            self.dist.run("download checkpoint files", fetch)
+        except BaseException:
+            for staged in out:
+                staged.remove()
+            raise
+        staged = out[0]
+        staged.roles = set(local_roles)
+        return staged
+
+    def _load_checked(self, roles: Sequence["Role"], step_dir: str, store: Storage, manifest: Optional[dict],
+                      staged: Optional[Any]) -> ResumeState:
+        dist = self.dist
+        verification = self._start_verification(store, step_dir, manifest, staged)
         self._check_parts(roles, step_dir, store, manifest)
 
         def load_roles() -> None:
@@ -1174,7 +1262,14 @@ class CheckpointManager:
                         f"Resume with the same roles, or start fresh with resume_mode='none'."
                     )
             for role in roles:
-                self.writer_for(role).load(store, store.join(step_dir, role.name), role, dist)
+                if staged is not None and role.name in staged.roles:  # the local copies
+                    try:
+                        self.writer_for(role).load(staged.storage, staged.path(role.name), role, dist)
+                    except Exception as exc:
+                        staged.rename_in(exc, step_dir)
+                        raise
+                else:
+                    self.writer_for(role).load(store, store.join(step_dir, role.name), role, dist)
 
         try:
             with active_verification(verification):
@@ -1186,9 +1281,17 @@ class CheckpointManager:
             raise
         if verification is not None:
             self._finish_verification(verification)
-        trainer_state = torch_load(store, store.join(step_dir, TRAINER_STATE_FILE))
+        if staged is not None and staged.has(TRAINER_STATE_FILE):
+            trainer_state = torch_load(staged.storage, staged.path(TRAINER_STATE_FILE))
+        else:
+            trainer_state = torch_load(store, store.join(step_dir, TRAINER_STATE_FILE))
         data_path = store.join(step_dir, DATA_FILE)
-        data = torch_load(store, data_path) if store.exists(data_path) else None
+        if staged is not None and staged.has(DATA_FILE):
+            data = torch_load(staged.storage, staged.path(DATA_FILE))
+        elif staged is not None:
+            data = None  # not in the manifest
+        else:
+            data = torch_load(store, data_path) if store.exists(data_path) else None
         step = int(trainer_state.get("global_step", rules.parse_step_dirname(step_dir) or 0))
         saved_ws = int(trainer_state.get("world_size", 1))
         rng = None
@@ -1224,6 +1327,13 @@ class CheckpointManager:
         In ``latest`` mode a checkpoint that fails verification or loading is reported and the
         previous committed one is used; in ``from_path`` mode it is an error.
         """
+        self._manifests = {}  # the manifests resume_candidates reads are not fetched again by load
+        try:
+            return self._resume(roles)
+        finally:
+            self._manifests = None
+
+    def _resume(self, roles: Sequence["Role"]) -> Optional[ResumeState]:
         candidates = self.resume_candidates()
         last_error: Optional[Exception] = None
         for path in candidates:

@@ -111,13 +111,15 @@ def read_manifest(storage: "Storage", step_dir: str) -> Optional[dict]:
     return json.loads(storage.read_text(path))
 
 
-def verify_dir(storage: "Storage", step_dir: str, *, checksums: bool = True) -> list[str]:
+def verify_dir(storage: "Storage", step_dir: str, *, checksums: bool = True, manifest: Optional[dict] = None) -> list[str]:
     """Problems found in ``step_dir`` against its manifest ([] means it verified).
 
-    Sizes are always checked; checksums when ``checksums`` is true.
+    Sizes are always checked; checksums when ``checksums`` is true. ``manifest``: the manifest
+    already read by the caller (not fetched again).
     """
     try:
-        manifest = read_manifest(storage, step_dir)
+        if manifest is None:
+            manifest = read_manifest(storage, step_dir)
     except (ValueError, OSError) as exc:
         return [f"{MANIFEST_FILE}: unreadable ({exc})"]
     if manifest is None:

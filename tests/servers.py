@@ -465,6 +465,8 @@ class FaultProxy:
 
     Counters (read any time): ``requests_seen``, ``requests_faulted``, ``resets``,
     ``slowdowns``, ``forwarded``. ``Expect: 100-continue`` is answered by the proxy.
+    ``requests`` logs every forwarded request as ``(method, target, Range header or None)``;
+    ``max_in_flight`` is the most forwarded requests waiting for their response at one moment.
 
     Args:
         upstream_host: upstream host.
@@ -519,6 +521,9 @@ class FaultProxy:
             self.resets = 0
             self.slowdowns = 0
             self.forwarded = 0
+            self.requests: list[tuple[str, str, Optional[str]]] = []
+            self.in_flight = 0
+            self.max_in_flight = 0
 
     def fault_always(self, mode: str = "503") -> None:
         """Fault every request from now on (persistent outage)."""
@@ -665,8 +670,16 @@ class FaultProxy:
                     with self._lock:
                         self._socks.add(upstream)
                     ureader = upstream.makefile("rb")
-                upstream.sendall(head + body)
-                close_after = self._relay_response(ureader, csock, method)
+                with self._lock:
+                    self.requests.append((method, request_line.split(" ")[1], headers.get("range")))
+                    self.in_flight += 1
+                    self.max_in_flight = max(self.max_in_flight, self.in_flight)
+                try:
+                    upstream.sendall(head + body)
+                    close_after = self._relay_response(ureader, csock, method)
+                finally:
+                    with self._lock:
+                        self.in_flight -= 1
                 if close_after or "close" in headers.get("connection", "").lower():
                     return
         except (_Closed, OSError, ValueError):
