@@ -69,13 +69,11 @@ PRESETS = {
 
 
 # --------------------------------------------------------------------------- memory
-def reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from bench.bench_save import reset_peak_rss  # noqa: E402
 
 
 def rss_bytes(field: str = "VmHWM") -> int:
